@@ -1,0 +1,337 @@
+"""test_model.py: masks at the input's size, scores equal to the official ISIC scorer's, the
+threshold analysis, and one-line errors. CPU only, generated images, an untrained tiny FPN."""
+import csv
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import load_dataset
+import metrics
+import test_model
+import train_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+NET_SIZE = (64, 64)
+SCORER_KEYS = {"iou": "jaccard", "dice": "dice", "threshold_jaccard": "threshold_jaccard",
+               "sensitivity": "sensitivity", "specificity": "specificity", "accuracy": "accuracy"}
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """40 generated pairs of varied sizes, split as train_model.py would draw and save it."""
+    root = tmp_path_factory.mktemp("data")
+    load_dataset.make_demo(root, 40, 0)
+    split_file = load_dataset.work_dir(root) / "split.json"
+    splits = load_dataset.split_pairs(load_dataset.scan(root), seed=42, valid_fraction=0.1,
+                                      test_fraction=0.1, split_file=split_file)
+    assert len(splits["test"]) == 4 and len(splits["valid"]) == 4
+    return root, split_file, splits
+
+
+def write_checkpoint(path, root, split_file, demo_flag, calibrate_on=()):
+    """A checkpoint of an untrained resnet18 FPN; with calibrate_on, the output bias is shifted so
+    that half the pixels of those images are lesion (a mask with both values, not a blank one)."""
+    torch.manual_seed(0)
+    model = train_model.build_model("resnet18", None, 5).eval()
+    if calibrate_on:
+        import preprocess
+        batch = torch.cat([preprocess.eval_input(p, NET_SIZE)[0] for p in calibrate_on])
+        with torch.inference_mode():
+            median = model(batch).median()
+        model.segmentation_head[0].bias.data -= median
+    settings = {"encoder": "resnet18", "encoder_depth": 5, "image_size": NET_SIZE,
+                "threshold": 0.5, "demo": demo_flag, "data": str(root),
+                "split_file": str(split_file)}
+    train_model.save_atomic(train_model.model_record(model, settings, 1, 0.5), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(demo, tmp_path_factory):
+    root, split_file, splits = demo
+    images = [p.image for p in splits["valid"] + splits["test"]]
+    return write_checkpoint(tmp_path_factory.mktemp("model") / "demo_resnet18.pth", root,
+                            split_file, True, images)
+
+
+@pytest.fixture(scope="module")
+def plain_ckpt(tmp_path_factory):
+    """Not a demo model, and its data folder does not exist: --image must not need it."""
+    folder = tmp_path_factory.mktemp("plain")
+    return write_checkpoint(folder / "resnet18.pth", folder / "no_data", folder / "split.json",
+                            False)
+
+
+def darkness(model, images, device):
+    """Stand-in for the network where a sensible mask is needed: the darker than average pixels of
+    each image (the generated lesions are dark), as probabilities at network size."""
+    gray = images.mean(1)
+    z = (gray - gray.mean((1, 2), keepdim=True)) / gray.std((1, 2), keepdim=True)
+    return torch.sigmoid(-3 * z - 1).numpy()
+
+
+def run_main(argv, capsys):
+    assert test_model.main([str(a) for a in argv]) == 0
+    return capsys.readouterr()
+
+
+def mask_values(path):
+    with Image.open(path) as img:
+        return img.mode, img.size, set(np.unique(np.asarray(img)).tolist())
+
+
+# ----------------------------------------------------------------------------- --image
+
+def test_image_masks_have_the_input_size_and_only_0_255(tmp_path, plain_ckpt, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (157, 203, 3), np.uint8)).save(folder / "wide.png")
+    Image.fromarray(rng.integers(0, 255, (300, 41), np.uint8)).save(folder / "gray.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 120 wide x 90 high, shown rotated: 90 wide x 120 high
+    Image.fromarray(rng.integers(0, 255, (90, 120, 3), np.uint8)).save(folder / "turned.jpg",
+                                                                       exif=exif)
+    out = tmp_path / "out"
+    run_main(["--checkpoint", plain_ckpt, "--image", folder, "--out", out], capsys)
+    expected = {"wide": (203, 157), "gray": (41, 300), "turned": (90, 120)}  # (width, height)
+    for stem, size in expected.items():
+        mode, got, values = mask_values(out / f"{stem}_segmentation.png")
+        assert (mode, got) == ("L", size)
+        assert values <= {0, 255}
+        assert (out / f"{stem}_overlay.png").stat().st_size > 0
+    assert sorted(p.name for p in out.glob("*_segmentation.png")) == sorted(
+        f"{s}_segmentation.png" for s in expected)
+
+
+def test_image_skips_unreadable_files_and_scores_a_mask_beside_it(tmp_path, plain_ckpt, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    image = np.full((70, 90, 3), 200, np.uint8)
+    Image.fromarray(image).save(folder / "ISIC_0000001.png")
+    truth = np.zeros((70, 90), np.uint8)
+    truth[20:50, 30:60] = 255
+    Image.fromarray(truth).save(folder / "ISIC_0000001_segmentation.png")
+    good = folder / "ok.jpg"
+    Image.fromarray(image).save(good)
+    (folder / "broken.jpg").write_bytes(good.read_bytes()[:200])  # truncated JPEG
+    out = tmp_path / "out"
+    result = run_main(["--checkpoint", plain_ckpt, "--image", folder, "--out", out], capsys)
+
+    assert "broken.jpg" in result.err and "Traceback" not in result.err
+    assert sorted(p.name for p in out.glob("*_segmentation.png")) == [
+        "ISIC_0000001_segmentation.png", "ok_segmentation.png"]  # the true mask is not an input
+    pred = np.asarray(Image.open(out / "ISIC_0000001_segmentation.png")) > 128
+    expected = metrics.scores(*metrics.confusion(pred, truth > 128))
+    line = next(s for s in result.out.splitlines() if "ISIC_0000001.png" in s)
+    iou, dice = map(float, re.search(r"IoU ([\d.]+), Dice ([\d.]+)", line).groups())
+    assert iou == pytest.approx(expected["iou"], abs=5e-5)
+    assert dice == pytest.approx(expected["dice"], abs=5e-5)
+
+
+# ----------------------------------------------------------------------------- default run
+
+def test_default_run_segments_a_random_test_image(tmp_path, demo, ckpt, capsys):
+    _, _, splits = demo
+    out = tmp_path / "pred"
+    result = run_main(["--checkpoint", ckpt, "--seed", 3, "--out", out], capsys)
+    pair = random.Random(3).choice(splits["test"])
+    assert "demo data" in result.out
+    mode, size, values = mask_values(out / f"{pair.id}_segmentation.png")
+    with Image.open(pair.image) as img:
+        assert (mode, size) == ("L", img.size)
+    assert values <= {0, 255} and (out / f"{pair.id}_overlay.png").is_file()
+    pred = np.asarray(Image.open(out / f"{pair.id}_segmentation.png")) > 128
+    truth = np.asarray(Image.open(pair.mask)) > 128
+    expected = metrics.scores(*metrics.confusion(pred, truth))
+    iou, dice = map(float, re.search(r"IoU ([\d.]+), Dice ([\d.]+)", result.out).groups())
+    assert (iou, dice) == (round(expected["iou"], 4), round(expected["dice"], 4))
+
+
+def test_predict_gives_probabilities_at_the_original_size(demo, ckpt):
+    _, _, splits = demo
+    model, record = test_model.load_model(ckpt, torch.device("cpu"))
+    assert not model.training and record["demo"] is True
+    image = splits["test"][0].image
+    prob = test_model.predict(model, record, image, torch.device("cpu"))
+    with Image.open(image) as img:
+        assert prob.shape == (img.height, img.width)
+    assert prob.dtype == np.float32 and 0.0 <= prob.min() and prob.max() <= 1.0
+
+
+# ----------------------------------------------------------------------------- --evaluate
+
+@pytest.mark.parametrize("network", ["untrained", "darkness"])
+def test_evaluate_means_equal_the_official_scorer(tmp_path, demo, ckpt, capsys, monkeypatch,
+                                                  network):
+    from isic_challenge_scoring.segmentation import SegmentationScore
+
+    _, _, splits = demo
+    if network == "darkness":
+        monkeypatch.setattr(test_model, "predict_batch", darkness)
+    out = tmp_path / "eval"
+    (out / "masks").mkdir(parents=True)
+    (out / "masks" / "ISIC_9999999_segmentation.png").write_bytes(b"stale")  # an earlier run's
+    run_main(["--checkpoint", ckpt, "--evaluate", "--out", out, "--workers", 2,
+              "--batch-size", 3], capsys)
+    truth_dir = tmp_path / "truth"
+    truth_dir.mkdir()
+    for pair in splits["test"]:
+        shutil.copy(pair.mask, truth_dir)
+
+    written = sorted(p.name for p in (out / "masks").iterdir())
+    assert written == sorted(f"{p.id}_segmentation.png" for p in splits["test"])
+    official = SegmentationScore.from_dir(truth_dir, out / "masks").macro_average
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"iou", "dice", "threshold_jaccard", "sensitivity", "specificity", "accuracy",
+            "images"} <= set(summary)
+    assert summary["images"] == 4
+    for ours, theirs in SCORER_KEYS.items():
+        assert summary[ours] == pytest.approx(float(official[theirs]), abs=1e-6), ours
+    assert 0.0 < summary["iou"] < 1.0  # masks with both values: the comparison means something
+    if network == "darkness":
+        assert 0.0 < summary["threshold_jaccard"] < summary["iou"]  # some images under 0.65
+
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == [p.id for p in splits["test"]]
+    assert np.mean([float(r["iou"]) for r in rows]) == pytest.approx(summary["iou"], abs=1e-5)
+    for row, pair in zip(rows, splits["test"]):
+        truth = np.asarray(Image.open(pair.mask)) > 128
+        assert float(row["true_area"]) == pytest.approx(truth.mean(), abs=1e-6)
+
+
+def test_evaluate_refuses_an_empty_test_split(tmp_path, capsys):
+    root = tmp_path / "two"
+    load_dataset.make_demo(root, 2, 0)  # too few pairs to draw a test split from
+    path = write_checkpoint(tmp_path / "m.pth", root, load_dataset.work_dir(root) / "split.json",
+                            True)
+    with pytest.raises(SystemExit) as exc:
+        test_model.main(["--checkpoint", str(path), "--evaluate", "--out", str(tmp_path / "o")])
+    assert "test split" in str(exc.value.code) and "empty" in str(exc.value.code)
+
+
+# ----------------------------------------------------------------------------- threshold analysis
+
+def test_threshold_counts_equal_confusion_at_every_threshold():
+    rng = np.random.default_rng(0)
+    prob = rng.random((37, 53)).astype(np.float32)
+    prob.flat[:19] = np.float32(test_model.THRESHOLDS)  # exactly on a threshold: lesion
+    truth = rng.random((37, 53)) < 0.3
+    counts = test_model.threshold_counts(prob, truth, test_model.THRESHOLDS)
+    for i, t in enumerate(test_model.THRESHOLDS):
+        assert tuple(counts[i]) == metrics.confusion(prob >= np.float32(t), truth)
+
+
+def test_threshold_analysis_best_is_the_argmax_and_agrees_with_evaluate(tmp_path, demo, ckpt,
+                                                                        capsys, monkeypatch):
+    _, _, splits = demo
+    monkeypatch.setattr(test_model, "predict_batch", darkness)
+    out = tmp_path / "analysis"
+    result = run_main(["--checkpoint", ckpt, "--threshold-analysis", "--out", out,
+                       "--workers", 0], capsys)
+    with open(out / "threshold_curve.csv") as f:
+        curve = list(csv.DictReader(f))
+    assert [float(r["threshold"]) for r in curve] == list(test_model.THRESHOLDS)
+    ious = [float(r["iou"]) for r in curve]
+    best = float(re.search(r"best threshold on valid: ([\d.]+)", result.out).group(1))
+    assert best == test_model.THRESHOLDS[int(np.argmax(ious))]
+    assert len(set(ious)) > 3  # a curve, not a constant
+    assert (out / "threshold_analysis.png").read_bytes()[:4] == b"\x89PNG"
+
+    with open(out / "probability_histogram.csv") as f:
+        hist = list(csv.DictReader(f))
+    pixels = sum(Image.open(p.image).width * Image.open(p.image).height for p in splits["valid"])
+    lesion = sum(int((np.asarray(Image.open(p.mask)) > 128).sum()) for p in splits["valid"])
+    assert sum(int(r["background_pixels"]) + int(r["lesion_pixels"]) for r in hist) == pixels
+    assert sum(int(r["lesion_pixels"]) for r in hist) == lesion
+
+    for threshold in ("0.3", "0.5"):  # same resolution and cut as --evaluate
+        ev = tmp_path / f"valid_{threshold}"
+        run_main(["--checkpoint", ckpt, "--evaluate", "--split", "valid", "--threshold", threshold,
+                  "--out", ev, "--workers", 0], capsys)
+        summary = json.loads((ev / "summary.json").read_text())
+        row = next(r for r in curve if r["threshold"] == threshold)
+        for name in metrics.SCORE_NAMES:
+            assert float(row[name]) == pytest.approx(summary[name], abs=1e-6), (threshold, name)
+
+
+# ----------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.2"])
+def test_threshold_out_of_range_is_refused(tmp_path, plain_ckpt, value):
+    with pytest.raises(SystemExit) as exc:
+        test_model.main(["--checkpoint", str(plain_ckpt), "--threshold", value,
+                         "--image", str(tmp_path)])
+    assert "THRESHOLD" in str(exc.value.code)
+
+
+def test_checkpoint_that_is_not_there_is_named(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        test_model.main(["--checkpoint", str(tmp_path / "gone.pth"), "--image", str(tmp_path)])
+    assert str(exc.value.code) == f"error: no checkpoint at {tmp_path / 'gone.pth'}"
+
+
+def test_no_checkpoint_in_model_dir_says_how_to_train(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        test_model.main(["--model-dir", str(tmp_path), "--image", str(tmp_path)])
+    assert "python train_model.py" in str(exc.value.code) and "--demo" in str(exc.value.code)
+
+
+def test_default_checkpoint_is_the_newest_best_model(tmp_path):
+    (tmp_path / "demo").mkdir()
+    for age, name in ((300, "resnet18.pth"), (100, "demo/demo_resnet18.pth"),
+                      (0, "demo/x_last.pth")):
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (1e9 - age, 1e9 - age))
+    assert test_model.find_checkpoint(tmp_path) == tmp_path / "demo" / "demo_resnet18.pth"
+
+
+def _not_ours(path):
+    torch.save({"model_state": {"w": torch.zeros(2)}, "epoch": 3}, path)
+
+
+def _pickled_module(path):
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 1, 1)), path)
+
+
+def _truncated(path, source):
+    path.write_bytes(Path(source).read_bytes()[:100_000])
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("not ours", "not written by train_model.py"),
+    ("pickled module", "pickled"),
+    ("truncated", "not a readable checkpoint"),
+])
+def test_bad_checkpoint_is_one_line_without_traceback(tmp_path, plain_ckpt, kind, message):
+    bad = tmp_path / "bad.pth"
+    if kind == "not ours":
+        _not_ours(bad)
+    elif kind == "pickled module":
+        _pickled_module(bad)
+    elif kind == "truncated":
+        _truncated(bad, plain_ckpt)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    proc = subprocess.run([sys.executable, str(REPO / "test_model.py"), "--checkpoint", str(bad),
+                           "--image", str(image), "--out", str(tmp_path / "out")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and str(bad) in lines[0]
+    assert not (tmp_path / "out").exists()
