@@ -10,6 +10,7 @@ import argparse
 import csv
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,9 @@ import preprocess  # noqa: E402
 
 CHECKPOINT_FORMAT = "melanoma-fpn-checkpoint"
 CHECKPOINT_VERSION = 1
+LISTED_FILES = 20  # corrected/skipped files named on the console; the data report lists all
+CHECKPOINT_COPIES = 7  # model sizes on disk at the worst moment: best + last (3x, with Adam's
+                       # two moments) + the temporary copy of the last being written
 
 
 class SettingError(ValueError):
@@ -62,6 +66,14 @@ class SettingError(ValueError):
 
 class CheckpointError(ValueError):
     """A file that is not a usable checkpoint of this project; the message says why."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the model became NaN or infinite; the message names the epoch and step."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; the message says which epoch the resume state holds."""
 
 
 # ----------------------------------------------------------------------------- model
@@ -87,7 +99,10 @@ def build_model(encoder=ENCODER, encoder_weights=None, depth=ENCODER_DEPTH):
     hub = encoder_weights == "imagenet"
     try:
         model = smp.FPN(encoder_name=encoder, encoder_weights="imagenet" if hub else None,
-                        encoder_depth=depth, classes=1)
+                        encoder_depth=depth, classes=1,
+                        # smp's decoder output stride shrinks with the depth: this factor
+                        # brings the mask back to the input size at depths 3, 4 and 5
+                        upsampling=2 ** (depth - 3))
     except (OSError, ConnectionError, RuntimeError) as exc:
         if not hub:
             raise
@@ -132,18 +147,40 @@ def load_encoder_weights(model, path):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file.
+
+    A kill leaves at most a stale `<name>.tmp` beside the intact previous file; the next save
+    overwrites it and nothing ever reads it."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
-    except OSError as exc:
+    except OSError as exc:  # a full disk, a removed folder: say where, keep the old file
         tmp.unlink(missing_ok=True)
-        raise OSError(f"could not write {path}: {exc.strerror or exc}") from None
+        kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
+        raise OSError(f"could not write {path}: {exc.strerror or exc}{kept}") from None
+    except BaseException:  # Ctrl-C mid-write: no half file left behind
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder):
+    """Make a rename survive a power cut; not every system can open a folder, which is fine."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def model_record(model, settings, epoch, valid_iou):
@@ -155,8 +192,14 @@ def model_record(model, settings, epoch, valid_iou):
         "image_size": list(settings["image_size"]), "threshold": settings["threshold"],
         "mean": list(preprocess.IMAGENET_MEAN), "std": list(preprocess.IMAGENET_STD),
         "epoch": epoch, "valid_iou": valid_iou, "demo": settings["demo"],
-        "data_dir": str(settings["data"]), "split_file": str(settings["split_file"]),
+        "data_dir": str(Path(settings["data"]).resolve()), "split_file": str(settings["split_file"]),
     }
+
+
+# what a file that torch.save did not write usually is, by its first bytes
+OTHER_FORMATS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8", "a JPEG image"),
+                 (b"{", "JSON text"), (b"\x93NUMPY", "a NumPy array"),
+                 (b"\x89HDF", "an HDF5 (Keras) file"))
 
 
 def load_checkpoint(path):
@@ -164,20 +207,34 @@ def load_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # torch.save writes a zip archive (PK); files of torch < 1.6 start with a pickle (0x80)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        kind = next((name for magic, name in OTHER_FORMATS if head.startswith(magic)),
+                    "empty" if not head else f"a file starting with {head!r}")
+        raise CheckpointError(f"{path} is not a readable checkpoint: it is {kind}, not a file "
+                              f"written by torch.save")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text:
+        if "Unsupported global" in text or "Unsupported class" in text:
             raise CheckpointError(
                 f"{path} holds pickled Python objects (for example a whole model saved with "
                 f"torch.save(model)); loading it could run arbitrary code, so it is refused. "
                 f"Use a checkpoint written by train_model.py.") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a "
-                              f"PyTorch file: {text.splitlines()[0][:120] if text else exc!r})") from None
+        # the cause, without torch's advice on weights_only=False, which would run code
+        cause = text.split("WeightsUnpickler error:")[-1].strip() or repr(exc)
+        cause = cause.splitlines()[0].split(". ")[0][:120]
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or damaged: "
+                              f"{cause})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} was not written by train_model.py (no "
                               f"'{CHECKPOINT_FORMAT}' marker)")
+    if not isinstance(ckpt.get("version"), int) or ckpt["version"] > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')!r}; this "
+                              f"train_model.py reads version {CHECKPOINT_VERSION} or older")
     return ckpt
 
 
@@ -186,7 +243,8 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
     try:
         model = build_model(ckpt["encoder"], None, ckpt["encoder_depth"])
         model.load_state_dict(ckpt["model_state"])
-    except (KeyError, RuntimeError, SettingError) as exc:
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
+        # SettingError (an unknown recorded encoder) is a ValueError
         raise CheckpointError(f"{path} does not fit its recorded model "
                               f"(encoder {ckpt.get('encoder')!r}): "
                               f"{str(exc).splitlines()[0][:160]}") from None
@@ -209,8 +267,10 @@ def set_lr(optimizer, lr):
 
 # ----------------------------------------------------------------------------- loops
 
-class NonFiniteLoss(RuntimeError):
-    pass
+def make_loss():
+    """The paper's Dice loss on logits (a function, so a test can plant a faulty one)."""
+    import segmentation_models_pytorch as smp
+    return smp.losses.DiceLoss("binary", from_logits=True)
 
 
 def _autocast(device, mixed):
@@ -228,10 +288,13 @@ def _to_device(images, masks, device, channels_last):
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, device, epoch, iter_log, scaler=None,
-                    mixed=False, channels_last=False, threshold=THRESHOLD, progress=True):
+                    mixed=False, channels_last=False, threshold=THRESHOLD, progress=True,
+                    stats=None):
     """One pass over the training loader; returns the mean Dice loss.
 
-    `iter_log` receives (loss, mean IoU of the batch) per step: the paper's Figures 8 and 9."""
+    `iter_log` receives (loss, mean IoU of the batch) per step: the paper's Figures 8 and 9.
+    `stats`, when a dict, receives "images": how many were trained on (fewer than the loader
+    holds when files became unreadable during the run)."""
     model.train()
     total, seen = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress)
@@ -244,9 +307,11 @@ def train_one_epoch(model, loader, loss_fn, optimizer, device, epoch, iter_log, 
             logits = model(images)
         loss = loss_fn(logits.float(), masks)  # Dice in float32: float16 sums overflow
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"the loss became {loss.item()} at epoch {epoch}, step {step}; "
-                                f"stopped (the best checkpoint is untouched). Lower LR or "
-                                f"turn MIXED_PRECISION off.")
+            # before the optimiser step: the weights and every checkpoint stay as they were
+            raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {epoch}, "
+                                f"step {step}; stopped before updating the model (the best "
+                                f"checkpoint is untouched). Lower LR, or turn MIXED_PRECISION "
+                                f"off.")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -263,7 +328,15 @@ def train_one_epoch(model, loader, loss_fn, optimizer, device, epoch, iter_log, 
         seen += n
         iter_log.append((loss.item(), batch_iou))
         bar.set_postfix(loss=f"{total / seen:.4f}")
+    if stats is not None:
+        stats["images"] = seen
     return total / max(seen, 1)
+
+
+def weights_finite(model):
+    """True when no weight or batch-norm statistic is NaN or infinite."""
+    return all(torch.isfinite(t).all() for t in model.state_dict().values()
+               if t.is_floating_point())
 
 
 @torch.inference_mode()
@@ -390,8 +463,9 @@ def check_settings(args):
         raise SettingError(f"EPOCHS={args.epochs} must be at least 1")
     if args.batch_size < 1:
         raise SettingError(f"BATCH_SIZE={args.batch_size} must be at least 1")
-    if not (args.lr > 0 and args.lr_after_drop > 0):
-        raise SettingError(f"LR={args.lr} and LR_AFTER_DROP={args.lr_after_drop} must be > 0")
+    for constant, value in (("LR", args.lr), ("LR_AFTER_DROP", args.lr_after_drop)):
+        if not value > 0:  # NaN fails this too
+            raise SettingError(f"{constant}={value} must be greater than 0")
     if args.workers < 0:
         raise SettingError(f"WORKERS={args.workers} must be 0 or more")
 
@@ -445,7 +519,91 @@ def output_paths(args):
     folder = Path(args.model_dir)
     stem = f"demo_{args.encoder}" if args.demo else args.encoder
     return {"best": folder / f"{stem}.pth", "last": folder / f"{stem}_last.pth",
-            "log": folder / f"{stem}_log.csv", "curves": folder / f"{stem}_curves.png"}
+            "log": folder / f"{stem}_log.csv", "curves": folder / f"{stem}_curves.png",
+            "data_report": folder / f"{stem}_data.txt"}
+
+
+def report_data(found, splits, args, report_path):
+    """Pairs per split on one line, then the corrected and skipped files by name.
+
+    The console names the first LISTED_FILES of each kind; the report file beside the model
+    lists them all, so a long run's log never hides which files were left out."""
+    print(f"data: {found.layout} in {args.data}: " + ", ".join(
+        f"{len(v)} {k}" for k, v in splits.items()) +
+        f"; {len(found.corrected)} corrected, {len(found.skipped)} skipped"
+        + (f" (all listed in {report_path})" if found.corrected or found.skipped else ""))
+    for kind, entries in (("skipped", found.skipped), ("corrected", found.corrected)):
+        for path, why in entries[:LISTED_FILES]:
+            print(f"  {kind} {os.path.relpath(path, found.root)}: "
+                  f"{why.replace(f'{found.root}{os.sep}', '')}")
+        if len(entries) > LISTED_FILES:
+            print(f"  ... and {len(entries) - LISTED_FILES} more {kind} (see {report_path})")
+    text = found.summary() + "\n" + "\n".join(
+        f"Split {k}: {len(v)} pairs" for k, v in splits.items()) + "\n"
+    tmp = report_path.with_name(report_path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, report_path)
+
+
+def warn_if_disk_low(folder, model):
+    """One line when the output disk may fill before the first checkpoints are written."""
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    needed = CHECKPOINT_COPIES * model_bytes
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        print(f"warning: only {free / 2**20:.0f} MB free for {folder}; the checkpoints need "
+              f"about {needed / 2**20:.0f} MB: free some space or pass another --model-dir")
+
+
+RESUME_SETTINGS = (("encoder", "ENCODER", "--encoder"),
+                   ("encoder_depth", "ENCODER_DEPTH", "--encoder-depth"),
+                   ("image_size", "IMAGE_SIZE", "--image-size"))
+
+
+def load_resume_state(path, args):
+    """The saved state of an interrupted run, refused when it was made with other settings."""
+    state = load_checkpoint(path)
+    missing = [k for k in ("epoch", "best_iou", "optimizer_state", "history", "iter_log")
+               if k not in state]
+    if missing:
+        raise CheckpointError(f"--resume: {path} is not a resume state (no {missing[0]!r}); "
+                              f"delete it to start over")
+    for key, constant, flag in RESUME_SETTINGS:
+        saved, current = state.get(key), getattr(args, key)
+        if key == "image_size":
+            saved, current = tuple(saved or ()), tuple(current)
+        if saved != current:
+            raise SettingError(f"--resume: {path} was made with {constant}={saved!r}, not "
+                               f"{current!r}: use {flag} as then, or another --model-dir for a "
+                               f"new run")
+    return state
+
+
+def check_epoch_finite(valid, model, epoch):
+    """Stop before saving anything when validation shows a broken (NaN or inf) model."""
+    if valid["images"] and not (math.isfinite(valid["loss"]) and math.isfinite(valid["iou"])):
+        raise NonFiniteLoss(f"the validation loss became {valid['loss']} (IoU {valid['iou']}) "
+                            f"at epoch {epoch}; stopped before saving (the best checkpoint "
+                            f"and the resume state keep the previous epoch). Lower LR.")
+    if not weights_finite(model):
+        raise NonFiniteLoss(f"the model's weights became NaN or infinite at epoch {epoch}; "
+                            f"stopped before saving (the best checkpoint is untouched). "
+                            f"Lower LR.")
+
+
+def unread_line(epoch, train_missing, valid_missing):
+    return (f"warning: epoch {epoch}: {train_missing} training and {valid_missing} validation "
+            f"image(s) could not be read and were left out (the warnings name the files)")
+
+
+# cuDNN and cuBLAS report a failed allocation as a plain RuntimeError with these words
+GPU_OOM_WORDS = ("CUDA out of memory", "CUDA error: out of memory", "CUDNN_STATUS_ALLOC_FAILED",
+                 "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def gpu_out_of_memory(exc):
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or any(w in str(exc)
+                                                              for w in GPU_OOM_WORDS)
 
 
 def main(argv=None):
@@ -456,9 +614,14 @@ def main(argv=None):
         sys.exit(f"error: {exc}")
     except NonFiniteLoss as exc:
         sys.exit(f"error: {exc}")
-    except KeyboardInterrupt:
-        sys.exit("\ninterrupted: the last complete epoch is saved; continue with --resume")
-    except torch.cuda.OutOfMemoryError:
+    except (Interrupted, KeyboardInterrupt) as exc:
+        message = str(exc) if isinstance(exc, Interrupted) else \
+            "interrupted before training started: nothing was saved"
+        tqdm.write(f"interrupted: {message}", file=sys.stderr)  # tqdm.write clears a bar first
+        sys.exit(130)  # 128 + SIGINT, as a shell reports Ctrl-C
+    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
+        if not gpu_out_of_memory(exc):
+            raise
         sys.exit(f"error: the GPU ran out of memory at BATCH_SIZE={args.batch_size}, "
                  f"IMAGE_SIZE={args.image_size}: lower BATCH_SIZE (--batch-size) or IMAGE_SIZE "
                  f"(--image-size), or pick a lighter ENCODER")
@@ -482,10 +645,7 @@ def run(args):
         split_file.unlink(missing_ok=True)
     splits = load_dataset.split_pairs(found, seed=args.seed, valid_fraction=VALID_FRACTION,
                                       test_fraction=TEST_FRACTION, split_file=split_file)
-    print(f"data: {found.layout} in {args.data}: " + ", ".join(
-        f"{len(v)} {k}" for k, v in splits.items()) +
-        f"; {len(found.corrected)} corrected, {len(found.skipped)} skipped"
-        + (" (python load_dataset.py --data ... lists them)" if found.skipped else ""))
+    report_data(found, splits, args, paths["data_report"])
     if args.batch_size > len(splits["train"]):
         raise SettingError(f"BATCH_SIZE={args.batch_size} is larger than the training split "
                            f"({len(splits['train'])} images)")
@@ -510,7 +670,7 @@ def run(args):
     start, best_iou, rows, iter_log = 1, -1.0, [], []
     if args.resume:
         if paths["last"].is_file():
-            state = load_checkpoint(paths["last"])
+            state = load_resume_state(paths["last"], args)
             model = model_from_checkpoint(state, paths["last"])
             optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
             optimizer.load_state_dict(state["optimizer_state"])
@@ -526,52 +686,76 @@ def run(args):
             if args.encoder_weights is not None:
                 model = build_model(args.encoder, args.encoder_weights, args.encoder_depth)
                 optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    warn_if_disk_low(paths["best"].parent, model)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler("cuda") if mixed and not torch.cuda.is_bf16_supported() else None
 
-    import segmentation_models_pytorch as smp
-    loss_fn = smp.losses.DiceLoss("binary", from_logits=True)
+    loss_fn = make_loss()
     train_loader, valid_loader, generator = make_loaders(splits, args, device)
+    # images an epoch should see: a file unreadable since the scan makes it see fewer
+    train_expected = len(train_loader) * args.batch_size if train_loader.drop_last \
+        else len(train_loader.dataset)
     title = f"FPN {args.encoder}" + (" (DEMO data)" if args.demo else "") + f", {args.data}"
 
     print(f"{'epoch':>5} {'lr':>8} {'train_loss':>10} {'valid_loss':>10} {'valid_iou':>9} "
           f"{'valid_dice':>10} {'seconds':>7}")
-    for epoch in range(start, args.epochs + 1):
-        t0 = time.time()
-        lr = lr_for_epoch(epoch, args.lr, args.lr_drop_epoch, args.lr_after_drop)
-        set_lr(optimizer, lr)
-        torch.manual_seed(args.seed + epoch)  # each epoch's randomness depends on the epoch alone
-        generator.manual_seed(args.seed + epoch)
-        train_loader.dataset.set_epoch_seed(args.seed + epoch)
-        train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, device, epoch,
-                                     iter_log, scaler, mixed, channels_last, args.threshold,
-                                     progress=not args.quiet)
-        valid = evaluate(model, valid_loader, loss_fn, device, args.threshold, mixed,
-                         channels_last)
-        row = {"epoch": epoch, "lr": lr, "train_loss": round(train_loss, 6),
-               "valid_loss": round(valid["loss"], 6), "valid_iou": round(valid["iou"], 6),
-               "valid_dice": round(valid["dice"], 6),
-               "valid_threshold_jaccard": round(valid["threshold_jaccard"], 6),
-               "seconds": round(time.time() - t0, 1)}
-        rows.append(row)
-        improved = math.isfinite(valid["iou"]) and valid["iou"] > best_iou
-        if improved:
-            best_iou = valid["iou"]
-            save_atomic(model_record(model, settings, epoch, best_iou), paths["best"])
-        state = model_record(model, settings, epoch, valid["iou"])
-        state.update(optimizer_state=optimizer.state_dict(), best_iou=best_iou, history=rows,
-                     iter_log=[list(x) for x in iter_log], seed=args.seed, epochs=args.epochs)
-        save_atomic(state, paths["last"])
-        write_log(rows, paths["log"])
-        plot_curves(rows, iter_log, paths["curves"], title)
-        print(f"{epoch:>5} {lr:>8.0e} {train_loss:>10.4f} {valid['loss']:>10.4f} "
-              f"{valid['iou']:>9.4f} {valid['dice']:>10.4f} {row['seconds']:>7.1f}"
-              + ("  *best" if improved else ""), flush=True)
+    epoch, saved_epoch, unread = start, start - 1, 0
+    try:
+        for epoch in range(start, args.epochs + 1):
+            t0 = time.time()
+            lr = lr_for_epoch(epoch, args.lr, args.lr_drop_epoch, args.lr_after_drop)
+            set_lr(optimizer, lr)
+            torch.manual_seed(args.seed + epoch)  # each epoch's randomness depends on it alone
+            generator.manual_seed(args.seed + epoch)
+            train_loader.dataset.set_epoch_seed(args.seed + epoch)
+            seen = {}
+            train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, device, epoch,
+                                         iter_log, scaler, mixed, channels_last, args.threshold,
+                                         progress=not args.quiet, stats=seen)
+            valid = evaluate(model, valid_loader, loss_fn, device, args.threshold, mixed,
+                             channels_last)
+            check_epoch_finite(valid, model, epoch)
+            row = {"epoch": epoch, "lr": lr, "train_loss": round(train_loss, 6),
+                   "valid_loss": round(valid["loss"], 6), "valid_iou": round(valid["iou"], 6),
+                   "valid_dice": round(valid["dice"], 6),
+                   "valid_threshold_jaccard": round(valid["threshold_jaccard"], 6),
+                   "seconds": round(time.time() - t0, 1)}
+            rows.append(row)
+            # a NaN IoU (no validation image readable) compares False: never the best
+            improved = math.isfinite(valid["iou"]) and valid["iou"] > best_iou
+            if improved:
+                best_iou = valid["iou"]
+                save_atomic(model_record(model, settings, epoch, best_iou), paths["best"])
+            state = model_record(model, settings, epoch, valid["iou"])
+            state.update(optimizer_state=optimizer.state_dict(), best_iou=best_iou,
+                         history=rows, iter_log=[list(x) for x in iter_log], seed=args.seed,
+                         epochs=args.epochs)
+            save_atomic(state, paths["last"])
+            saved_epoch = epoch
+            write_log(rows, paths["log"])
+            plot_curves(rows, iter_log, paths["curves"], title)
+            print(f"{epoch:>5} {lr:>8.0e} {train_loss:>10.4f} {valid['loss']:>10.4f} "
+                  f"{valid['iou']:>9.4f} {valid['dice']:>10.4f} {row['seconds']:>7.1f}"
+                  + ("  *best" if improved else ""), flush=True)
+            missing = (train_expected - seen["images"], len(valid_loader.dataset) - valid["images"])
+            if any(missing):
+                unread += sum(missing)
+                print(unread_line(epoch, *missing), flush=True)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"in epoch {epoch}; the resume state {paths['last']} holds epoch {saved_epoch}: "
+            f"continue with --resume" if saved_epoch else
+            f"in epoch {epoch}, before any epoch finished: nothing was saved") from None
 
     print(f"best valid IoU {best_iou:.4f}; model: {paths['best']}; log: {paths['log']}; "
           f"curves: {paths['curves']}")
+    if found.corrected or found.skipped or unread:
+        print(f"data: {len(found.skipped)} file(s) skipped and {len(found.corrected)} corrected "
+              f"at the scan (listed in {paths['data_report']})"
+              + (f"; {unread} image read(s) failed during training (see the warnings)"
+                 if unread else ""))
     return 0
 
 

@@ -69,6 +69,13 @@ def test_best_checkpoint_is_the_best_epoch_and_reloads_identically(demo_data, tm
     assert best["image_size"] == [64, 64] and best["encoder"] == "resnet18"
 
 
+@pytest.mark.parametrize("depth, size", [(3, (40, 56)), (4, (48, 80)), (5, (64, 96))])
+def test_model_output_has_the_input_size_at_every_depth(depth, size):
+    model = train_model.build_model("resnet18", None, depth).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, *size)).shape == (1, 1, *size)
+
+
 def test_best_checkpoint_round_trip_gives_same_outputs(tmp_path):
     torch.manual_seed(0)
     model = train_model.build_model("resnet18", None, 5)
