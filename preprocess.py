@@ -153,7 +153,8 @@ def read_mask(path, notes=None):
         top = arr.max(initial=0)
         arr = (arr > (top / 2 if top > 1 else 0)).astype(np.uint8) * 255
         notes.append("16-bit mask reduced to 8-bit")
-    values = np.unique(arr)
+    counts = np.bincount(arr.ravel(), minlength=256)  # far faster than np.unique on 24 MP
+    values = np.flatnonzero(counts)
     if values.size and values.max() <= 1:
         if values.max() == 1:
             notes.append("0/1 mask")
@@ -271,6 +272,8 @@ class PreprocessCache:
         entry = self.path_for(image_path, mask_path)
         try:
             stacked = np.load(entry)
+            if stacked.shape != (*self.size_hw, 4) or stacked.dtype != np.uint8:
+                raise ValueError("cache entry of another shape")
         except (FileNotFoundError, ValueError, OSError, EOFError):
             stacked = self._build(image_path, mask_path, entry)
         image = stacked[..., :3]
