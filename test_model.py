@@ -58,14 +58,6 @@ class UsageError(ValueError):
 
 # ----------------------------------------------------------------------------- model
 
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("DEVICE='cuda' but no CUDA device is available; use --device auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def find_checkpoint(model_dir):
     """The newest best-model checkpoint under model_dir (resume states *_last.pth excluded)."""
     found = [p for p in Path(model_dir).rglob("*.pth") if not p.name.endswith("_last.pth")]
@@ -456,7 +448,7 @@ def run(args):
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError(f"BATCH_SIZE={args.batch_size} must be >= 1 and "
                          f"WORKERS={args.workers} >= 0")
-    device = pick_device(args.device)
+    device = train_model.pick_device(args.device)
     path = Path(args.checkpoint) if args.checkpoint else find_checkpoint(args.model_dir)
     model, ckpt = load_model(path, device)
     threshold = args.threshold if args.threshold is not None else float(ckpt.get("threshold", 0.5))
@@ -504,7 +496,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (UsageError, train_model.CheckpointError, load_dataset.SplitMismatch) as exc:
+    except (UsageError, train_model.CheckpointError, train_model.SettingError,
+            load_dataset.SplitMismatch) as exc:
         sys.exit(f"error: {exc}")
     except torch.cuda.OutOfMemoryError:
         sys.exit(f"error: the GPU ran out of memory at BATCH_SIZE={args.batch_size}: lower it "

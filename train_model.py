@@ -306,9 +306,10 @@ def train_one_epoch(model, loader, loss_fn, optimizer, device, epoch, iter_log, 
         with _autocast(device, mixed):
             logits = model(images)
         loss = loss_fn(logits.float(), masks)  # Dice in float32: float16 sums overflow
-        if not torch.isfinite(loss):
+        loss_value = loss.item()  # one device sync per step, reused below
+        if not math.isfinite(loss_value):
             # before the optimiser step: the weights and every checkpoint stay as they were
-            raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {epoch}, "
+            raise NonFiniteLoss(f"the training loss became {loss_value} at epoch {epoch}, "
                                 f"step {step}; stopped before updating the model (the best "
                                 f"checkpoint is untouched). Lower LR, or turn MIXED_PRECISION "
                                 f"off.")
@@ -324,9 +325,9 @@ def train_one_epoch(model, loader, loss_fn, optimizer, device, epoch, iter_log, 
             counts = metrics.batch_confusion(torch.sigmoid(logits.float()), masks, threshold)
             batch_iou = metrics.mean_scores(counts.tolist())["iou"]
         n = images.shape[0]
-        total += loss.item() * n
+        total += loss_value * n
         seen += n
-        iter_log.append((loss.item(), batch_iou))
+        iter_log.append((loss_value, batch_iou))
         bar.set_postfix(loss=f"{total / seen:.4f}")
     if stats is not None:
         stats["images"] = seen
@@ -471,14 +472,11 @@ def check_settings(args):
 
 
 def pick_device(name):
+    """torch.device for DEVICE ("auto", "cuda" or "cpu"); shared with test_model.py."""
     if name == "cuda" and not torch.cuda.is_available():
         raise SettingError("DEVICE='cuda' but no CUDA device is available; use --device auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        print("device: CPU (no CUDA device in use; training is far slower than on a GPU)")
-    else:
-        print(f"device: {torch.cuda.get_device_name()}")
     return torch.device(name)
 
 
@@ -656,6 +654,10 @@ def run(args):
               f"({args.epochs}): the learning rate stays {args.lr:g}")
 
     device = pick_device(args.device)
+    if device.type == "cpu":
+        print("device: CPU (no CUDA device in use; training is far slower than on a GPU)")
+    else:
+        print(f"device: {torch.cuda.get_device_name()}")
     cuda = device.type == "cuda"
     mixed, channels_last = MIXED_PRECISION and cuda, CHANNELS_LAST and cuda
     torch.backends.cudnn.benchmark = CUDNN_BENCHMARK and cuda
