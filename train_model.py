@@ -608,9 +608,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (SettingError, CheckpointError, load_dataset.SplitMismatch) as exc:
-        sys.exit(f"error: {exc}")
-    except NonFiniteLoss as exc:
+    except (SettingError, CheckpointError, load_dataset.SplitMismatch, NonFiniteLoss) as exc:
         sys.exit(f"error: {exc}")
     except (Interrupted, KeyboardInterrupt) as exc:
         message = str(exc) if isinstance(exc, Interrupted) else \
@@ -665,29 +663,27 @@ def run(args):
                 "image_size": args.image_size, "threshold": args.threshold, "demo": args.demo,
                 "data": args.data, "split_file": split_file}
 
-    torch.manual_seed(args.seed)
-    model = build_model(args.encoder, None if args.resume else args.encoder_weights,
-                        args.encoder_depth)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    state = None
+    if args.resume and paths["last"].is_file():
+        state = load_resume_state(paths["last"], args)
+    elif args.resume:
+        print(f"no saved state at {paths['last']}: starting from the beginning")
     start, best_iou, rows, iter_log = 1, -1.0, [], []
-    if args.resume:
-        if paths["last"].is_file():
-            state = load_resume_state(paths["last"], args)
-            model = model_from_checkpoint(state, paths["last"])
-            optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-            optimizer.load_state_dict(state["optimizer_state"])
-            start, best_iou = state["epoch"] + 1, state["best_iou"]
-            rows, iter_log = state["history"], [tuple(x) for x in state["iter_log"]]
-            print(f"resuming after epoch {state['epoch']} (best valid IoU {best_iou:.4f})")
-            if start > args.epochs:
-                print(f"nothing to do: the run already finished its {args.epochs} epochs "
-                      f"(best model: {paths['best']})")
-                return 0
-        else:
-            print(f"no saved state at {paths['last']}: starting from the beginning")
-            if args.encoder_weights is not None:
-                model = build_model(args.encoder, args.encoder_weights, args.encoder_depth)
-                optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    torch.manual_seed(args.seed)
+    if state is None:
+        model = build_model(args.encoder, args.encoder_weights, args.encoder_depth)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    else:
+        model = model_from_checkpoint(state, paths["last"])
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        optimizer.load_state_dict(state["optimizer_state"])
+        start, best_iou = state["epoch"] + 1, state["best_iou"]
+        rows, iter_log = state["history"], [tuple(x) for x in state["iter_log"]]
+        print(f"resuming after epoch {state['epoch']} (best valid IoU {best_iou:.4f})")
+        if start > args.epochs:
+            print(f"nothing to do: the run already finished its {args.epochs} epochs "
+                  f"(best model: {paths['best']})")
+            return 0
     warn_if_disk_low(paths["best"].parent, model)
     model.to(device)
     if channels_last:
