@@ -1,7 +1,8 @@
 """Finding image/mask pairs on disk (ISIC layouts), checking and correcting them, the
-train/valid/test split, the Dataset, and the generated demo data.
+train/valid/test split and its folds, the Dataset and its loaders, the preprocessed cache.
 
     python load_dataset.py --data data      # layout found, pairs per split, corrected/skipped files
+    python load_dataset.py --data data --build-cache --image-size 320 320   # cache ahead of training
     python load_dataset.py --make-demo      # write generated demo pairs to data/demo
 """
 import argparse
@@ -16,26 +17,23 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from preprocess import (ImageError, image_info, mask_to_tensor, read_image, read_mask,
-                        resize_pair, to_tensor, train_augment)
+import preprocess
+from demo_data import DEMO_COUNT, DEMO_DIR, DEMO_MARKER, DEMO_SEED, make_demo
+from preprocess import ImageError, image_info, read_image, read_mask
 
 DATA_DIR = "data"  # default data folder
-DEMO_DIR = "data/demo"  # where --make-demo writes by default
-DEMO_COUNT = 240  # generated pairs in the demo set
-DEMO_SEED = 0  # seed of the demo generator
 SEED = 42  # seed of the drawn train/valid/test split
 VALID_FRACTION = 0.1  # share of training pairs drawn for validation when there is no official set
 TEST_FRACTION = 0.1  # share drawn for test when there is no official test set
 MIN_SIDE = 32  # images smaller than this on either side are skipped (FPN's total stride)
 POOL_MIN_FILES = 64  # fewer files than this are checked in-process (a pool costs more to start)
-CHECK_VERSION = 1  # bump when the checks change, so cached results are not reused
+CHECK_VERSION = 2  # bump when the checks change, so cached results are not reused
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-DEMO_MARKER = "demo.json"  # written at the top of a demo tree; marks it as generated
+CACHE_FOLDER = ".cache"  # under the work folder: preprocessed arrays and the scan's memo
 
 # Official ISIC folder names: (pattern, layout, year, role); group 1 of the pattern is the split.
 ISIC_FOLDERS = [
@@ -59,6 +57,7 @@ class Pair:
     id: str
     image: Path
     mask: Path | None = None
+    exif: bool = True  # turn the image by its EXIF orientation (the mask's shape decides)
 
 
 @dataclass
@@ -165,6 +164,11 @@ def _reason(err, path):
     return message or type(err).__name__
 
 
+def describe_error(err, path):
+    """"<path>: <reason>", naming the path once even where the error's text names it too."""
+    return f"{path}: {_reason(err, path)}"
+
+
 def check_file(task):
     """(path, role) -> {"error", "notes", "hw"}; decodes the whole file. Runs in pool workers."""
     path, role = task
@@ -178,7 +182,8 @@ def check_file(task):
             info = image_info(path)
             # a reduced-scale JPEG decode still reads every byte, so truncation is caught
             read_image(path, min_hw=(MIN_SIDE, MIN_SIDE), notes=notes)
-            return {"error": None, "notes": notes, "hw": [info["height"], info["width"]]}
+            return {"error": None, "notes": notes, "hw": [info["height"], info["width"]],
+                    "info": info}
         mask = read_mask(path, notes=notes)
         return {"error": None, "notes": notes, "hw": list(mask.shape[:2])}
     except ImageError as err:
@@ -221,6 +226,7 @@ def _check_all(tasks, cache_file):
     if todo:
         fresh = {key: entries[key] for key in keys.values()}  # forget files no longer there
         try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
             _write_json(cache_file, {"version": CHECK_VERSION, "entries": fresh})
         except OSError:
             pass  # a cache we cannot write only costs time on the next scan
@@ -273,8 +279,12 @@ def _pair_group(info, checks, min_side, result):
     for pair_id in sorted(set(images) & set(masks)):
         image = _pick(images[pair_id], checks, "image", min_side, result)
         mask = _pick(masks[pair_id], checks, "mask", min_side, result)
-        problem = image and mask and _size_problem(checks.get(image, {}).get("hw"),
-                                                   checks.get(mask, {}).get("hw"))
+        exif, problem = True, None
+        if image and mask:
+            exif, turn_note, image_hw = _orientation(checks.get(image, {}), checks.get(mask, {}))
+            if turn_note:
+                result.corrected.append((image, turn_note))
+            problem = _size_problem(image_hw, checks.get(mask, {}).get("hw"))
         if problem and problem[0] == "skipped":
             result.skipped += [(mask, problem[1]), (image, f"its mask {mask.name} is unusable")]
         elif image and not mask:
@@ -282,11 +292,23 @@ def _pair_group(info, checks, min_side, result):
         elif mask and not image:
             result.skipped.append((mask, f"its image {images[pair_id][0].name} is unusable"))
         elif image and mask:
-            pairs.append((Pair(pair_id, image, mask), problem))
+            pairs.append((Pair(pair_id, image, mask, exif), problem))
     return pairs
 
 
-def scan(root, min_side=MIN_SIDE, check=True):
+def _orientation(image_check, mask_check):
+    """(turn by EXIF?, note, image (h, w) as it will be read) of a pair; the mask decides."""
+    info, mask_hw = image_check.get("info"), mask_check.get("hw")
+    if not info or not mask_hw or info["orientation"] == 1:
+        return True, None, image_check.get("hw")
+    exif, note = preprocess.pair_orientation(info, tuple(mask_hw))
+    hw = [info["height"], info["width"]]
+    if not exif and info["orientation"] in (5, 6, 7, 8):
+        hw = hw[::-1]
+    return exif, note, hw
+
+
+def scan(root, min_side=MIN_SIDE):
     """Pairs per official split, and every file corrected or skipped with the reason."""
     root = Path(root).expanduser().absolute()
     result = ScanResult(root=root, layout="nothing recognised")
@@ -303,7 +325,7 @@ def scan(root, min_side=MIN_SIDE, check=True):
     tasks = [(p, role) for g in groups.values()
              for role, other in (("image", "mask"), ("mask", "image"))
              for i, paths in g[role].items() if i in g[other] for p in paths]
-    checks = _check_all(tasks, work_dir(root) / "scan_cache.json") if check and tasks else {}
+    checks = _check_all(tasks, scan_memo(root)) if tasks else {}
 
     candidates = []
     for group in groups.values():
@@ -368,13 +390,24 @@ def work_dir(data_root):
     return folder
 
 
+def split_file_for(data_root):
+    """The split file of a data folder: train_model.py writes it, test_model.py reads it."""
+    return work_dir(data_root) / "split.json"
+
+
+def cache_dir_for(data_root):
+    return work_dir(data_root) / CACHE_FOLDER
+
+
+def scan_memo(data_root):
+    """The memo of file checks, beside the cache: a rescan decodes only changed files."""
+    return cache_dir_for(data_root) / "scan_memo.json"
+
+
 def _write_json(path, obj):
-    """Write through a temporary file so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    preprocess.write_text(path, json.dumps(obj, indent=1))
 
 
 def _draw(ids, missing, seed, valid_fraction, test_fraction):
@@ -398,7 +431,7 @@ def split_pairs(scan_result, seed=SEED, valid_fraction=VALID_FRACTION,
     missing = [s for s in ("valid", "test") if not official.get(s)]
     if not missing or not train:
         return {s: list(official.get(s, [])) for s in ("train", "valid", "test")}
-    split_file = Path(split_file) if split_file else work_dir(scan_result.root) / "split.json"
+    split_file = Path(split_file) if split_file else split_file_for(scan_result.root)
     if split_file.exists():
         ids, saved = _read_split(split_file, train, missing)
         if [saved.get("seed"), saved.get("valid_fraction"), saved.get("test_fraction")] != \
@@ -438,31 +471,41 @@ def _read_split(split_file, train, missing):
 # ---------------------------------------------------------------------------- Dataset
 
 class SegmentationDataset(Dataset):
-    """(image float32 3xHxW normalised, mask float32 1xHxW 0/1, id) per pair."""
+    """Per pair: (image float32 3xHxW normalised, mask float32 1xHxW 0/1, index i), and with
+    `truth` also the true mask at its own size, as packed bits, and its (h, w).
 
-    def __init__(self, pairs, size_hw, augment=False, cache=None, seed=0):
+    Indices come from EpochSampler as (epoch, i): each sample's augmentation is seeded from
+    the seed, the epoch and i alone, never from a loader worker's history, so a resumed run
+    augments exactly as a straight one, with any number of workers."""
+
+    def __init__(self, pairs, settings, augment=False, cache=None, seed=0, truth=False):
         self.pairs = list(pairs)
-        self.size_hw = tuple(size_hw)
-        self.cache = cache
-        self.augment = train_augment(self.size_hw, seed=seed) if augment else None
+        self.settings = settings
+        self.cache, self.seed, self.truth = cache, seed, truth
+        self.augment = preprocess.train_augment(settings.size_hw) if augment else None
 
     def __len__(self):
         return len(self.pairs)
 
-    def set_epoch_seed(self, seed):
-        """Reseed augmentation when loading in the main process (DataLoader workers=0)."""
-        if self.augment is not None:
-            self.augment.set_random_seed(seed)
+    def _read(self, pair):
+        if self.cache is not None:
+            image, mask = self.cache.load(pair.image, pair.mask, pair.exif)
+        else:
+            image = read_image(pair.image, min_hw=self.settings.size_hw, exif=pair.exif)
+            mask = read_mask(pair.mask) if pair.mask else None
+            image, mask = preprocess.resize_pair(image, mask, self.settings.size_hw,
+                                                 self.settings.interpolation)
+        truth = None
+        if self.truth:
+            truth = self.cache.truth(pair.mask) if self.cache is not None else \
+                preprocess.pack_truth(read_mask(pair.mask) > 0)
+        return image, mask, truth
 
-    def __getitem__(self, i):
+    def __getitem__(self, index):
+        epoch, i = index if isinstance(index, tuple) else (0, index)
         pair = self.pairs[i]
         try:
-            if self.cache is not None:
-                image, mask = self.cache.load(pair.image, pair.mask)
-            else:
-                image = read_image(pair.image, min_hw=self.size_hw)
-                mask = read_mask(pair.mask) if pair.mask else None
-                image, mask = resize_pair(image, mask, self.size_hw)
+            image, mask, truth = self._read(pair)
         except (ImageError, OSError) as err:  # the file changed after the scan
             named = [p for p in (pair.image, pair.mask) if p and str(p) in str(err)]
             path = named[0] if named else getattr(err, "filename", None) or pair.image
@@ -471,164 +514,66 @@ class SegmentationDataset(Dataset):
         if mask is None:
             mask = np.zeros(image.shape[:2], np.uint8)
         if self.augment is not None:
+            self.augment.set_random_seed(sample_seed(self.seed, epoch, i))
             out = self.augment(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        return to_tensor(image), mask_to_tensor(mask), pair.id
+        item = (preprocess.to_tensor(image, self.settings.mean, self.settings.std),
+                preprocess.mask_to_tensor(mask), i)
+        return item + truth if truth is not None else item
 
 
-def seed_worker(worker_id):
-    """DataLoader worker_init_fn: each worker's augmentation follows the loader's seed."""
-    dataset = torch.utils.data.get_worker_info().dataset
-    if getattr(dataset, "augment", None) is not None:
-        dataset.augment.set_random_seed(torch.initial_seed() % 2**32)
+def sample_seed(seed, epoch, i):
+    return int(np.random.SeedSequence([seed, epoch, i]).generate_state(1)[0])
+
+
+class EpochSampler(Sampler):
+    """(epoch, i) for each index of an epoch, shuffled from (seed, epoch) alone when `shuffle`.
+
+    Call set_epoch before each epoch. With `world` > 1 (several processes), each `rank` takes
+    every world-th index of the same order."""
+
+    def __init__(self, size, seed=0, shuffle=True, rank=0, world=1):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.world, self.epoch = rank, world, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = range(self.size)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        return ((self.epoch, i) for i in order[self.rank::self.world])
+
+    def __len__(self):
+        return len(range(self.rank, self.size, self.world))
 
 
 def collate_skip_none(batch):
-    """default_collate without the items that failed to load; None when none is left."""
+    """[images, masks, indices] (and [(truth bits, (h, w))] when present) without the items
+    that failed to load; None when none is left."""
     batch = [item for item in batch if item is not None]
-    return default_collate(batch) if batch else None
+    if not batch:
+        return None
+    stacked = default_collate([item[:3] for item in batch])
+    if len(batch[0]) > 3:
+        stacked.append([item[3:] for item in batch])
+    return stacked
 
 
-# ---------------------------------------------------------------------------- demo data
+def make_loader(pairs, settings, batch_size, workers=0, cache=None, train=False, seed=0,
+                pin_memory=False, truth=False, rank=0, world=1):
+    """A DataLoader of a split: shuffled and augmented for training, in order otherwise.
 
-SKIN_TONES = [(236, 204, 190), (226, 184, 164), (214, 168, 140), (232, 176, 166), (200, 150, 120),
-              (224, 196, 176), (190, 136, 110)]  # RGB, pale to tanned, some pinkish
-PIGMENT_RAMP = np.float32([(196, 142, 100), (150, 92, 58), (98, 56, 36), (52, 34, 32)])  # RGB
-
-
-def _noise(rng, h, w, cell):
-    """Smooth noise of unit spread with features about `cell` pixels wide."""
-    grid = rng.standard_normal((h // cell + 2, w // cell + 2)).astype(np.float32)
-    return cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
-
-
-def _lesion_outline(rng, h, w, fraction):
-    """Irregular closed contour (polar curve with random harmonics) covering ~fraction of h x w."""
-    theta = np.linspace(0, 2 * np.pi, 240, endpoint=False)
-    radius = np.ones_like(theta)
-    for k in range(2, 9):
-        radius += rng.uniform(0, 0.22 / k ** 0.7) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-    jitter = np.convolve(np.tile(rng.standard_normal(240), 3), np.ones(7) / 7, "same")[240:480]
-    radius = np.clip(radius + 0.05 * jitter, 0.35, None)
-    stretch, angle = rng.uniform(0.65, 1.0), rng.uniform(0, np.pi)
-    x, y = radius * np.cos(theta), radius * np.sin(theta) * stretch
-    x, y = x * np.cos(angle) - y * np.sin(angle), x * np.sin(angle) + y * np.cos(angle)
-    if rng.random() < 0.25:  # a quarter run off an edge, as close-up photos do
-        cx, cy = rng.choice([0.1, 0.9]) * w, rng.uniform(0.2, 0.8) * h
-    else:
-        cx, cy = rng.uniform(0.35, 0.65) * w, rng.uniform(0.35, 0.65) * h
-    scale = np.sqrt(fraction * h * w / (np.pi * stretch))
-    for _ in range(6):  # rescale until the part inside the frame has the wanted area
-        pts = np.stack([cx + scale * x, cy + scale * y], 1).round().astype(np.int32)
-        mask = cv2.fillPoly(np.zeros((h, w), np.uint8), [pts], 1)
-        got = mask.mean()
-        if abs(got / fraction - 1) < 0.05:
-            break
-        scale *= np.sqrt(fraction / max(got, 1e-4))
-    return pts, mask
-
-
-def _hairs(rng, image, lesion_pts, count):
-    """Dark curved hairs, about half of them crossing the lesion."""
-    h, w = image.shape[:2]
-    for _ in range(count):
-        if rng.random() < 0.5:
-            start = lesion_pts[rng.integers(len(lesion_pts))] * 0.6 + lesion_pts.mean(0) * 0.4
-        else:
-            start = rng.uniform((0, 0), (w, h))
-        angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 0.7) * w
-        t = np.linspace(-0.5, 0.5, 32)[:, None]
-        d = np.array([np.cos(angle), np.sin(angle)])
-        bend = length * (rng.uniform(-0.4, 0.4) * (t ** 2 - 0.25) + rng.uniform(-0.1, 0.1) * t ** 3)
-        pts = start + t * length * d + bend * np.array([-d[1], d[0]])
-        colour = [int(v) for v in rng.integers(10, 70) + rng.integers(0, 15, 3)]
-        thickness = max(1, round(w / 900 * rng.uniform(0.7, 2.0)))
-        cv2.polylines(image, [pts.astype(np.int32)], False, colour, thickness, cv2.LINE_AA)
-
-
-def _ruler(rng, image):
-    h, w = image.shape[:2]
-    y, x0 = int(h * rng.uniform(0.85, 0.94)), int(w * rng.uniform(0.05, 0.2))
-    x1, step, colour = int(x0 + w * rng.uniform(0.4, 0.6)), max(4, w // 120), (60, 55, 55)
-    cv2.line(image, (x0, y), (x1, y), colour, max(1, w // 600))
-    for i, x in enumerate(range(x0, x1, step)):
-        tick = step * (2 if i % 10 == 0 else 1)
-        cv2.line(image, (x, y), (x, y - tick), colour, 1)
-    cv2.putText(image, "mm", (x0, y + 3 * step), cv2.FONT_HERSHEY_SIMPLEX, w / 1500, colour, 1)
-
-
-def _radial(xx, yy, centre, sigma):
-    return np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * sigma ** 2))
-
-
-def demo_pair(rng):
-    """One generated dermoscopy-like (RGB uint8 image, 0/255 uint8 mask)."""
-    w = int(rng.integers(2000, 2600) if rng.random() < 0.08 else rng.integers(600, 1500))
-    h = int(w * rng.uniform(0.6, 0.85))
-    lh, lw = h // 4, w // 4  # colours and textures are made at quarter size, then upscaled
-    fraction = 0.035 + 0.535 * rng.random() ** 1.6  # lesion share, ~3% to 60%, most small
-    pts, small_mask = _lesion_outline(rng, lh, lw, fraction)
-    mask = cv2.fillPoly(np.zeros((h, w), np.uint8), [pts * 4 + 2], 255)
-    yy, xx = np.mgrid[0:lh, 0:lw].astype(np.float32)
-
-    tone = np.float32(SKIN_TONES[rng.integers(len(SKIN_TONES))]) + rng.normal(0, 8, 3)
-    grain = _noise(rng, lh, lw, 30) * 3 + _noise(rng, lh, lw, 6) * 3 + _noise(rng, lh, lw, 1) * 2.5
-    skin = tone + grain[..., None]
-    skin *= 1 + 0.06 * (xx / lw - 0.5)[..., None] * rng.uniform(-1, 1)  # uneven lighting
-    for _ in range(int(rng.integers(0, 12))):  # faint freckles, which are not the lesion
-        spot = rng.uniform((0, 0), (lw, lh))
-        depth = _radial(xx, yy, spot, rng.uniform(0.6, 2.0)) * rng.uniform(10, 30)
-        skin -= depth[..., None] * (1, 1.4, 1.7)  # brown: blue falls most
-
-    # pigment: uneven, darkest near an off-centre core, light brown to near black
-    size = np.sqrt(small_mask.sum())
-    core = pts[rng.integers(len(pts))] * 0.4 + pts.mean(0) * 0.6
-    darkness = (0.5 * _radial(xx, yy, core, 0.3 * size)
-                + 0.2 * _noise(rng, lh, lw, max(4, int(size) // 8)))
-    darkness += _noise(rng, lh, lw, 2) * rng.uniform(0.05, 0.15)  # dots and network
-    low, span = rng.uniform(0.05, 0.5), rng.uniform(0.4, 1.0)
-    level = np.clip(low + span * darkness, 0, 0.999) * (len(PIGMENT_RAMP) - 1)
-    step = level.astype(np.int32)
-    blend = (level - step)[..., None]
-    pigment = PIGMENT_RAMP[step] * (1 - blend) + PIGMENT_RAMP[step + 1] * blend
-    if rng.random() < 0.15:  # some lesions are reddish rather than brown
-        pigment = pigment * 0.7 + np.float32((190, 95, 90)) * 0.3
-    softness = rng.uniform(0.5, 2.0) * max(1.0, size / 80)
-    alpha = cv2.GaussianBlur(small_mask.astype(np.float32), (0, 0), softness)[..., None]
-    alpha *= rng.uniform(0.8, 1.0)
-    image = skin * (1 - alpha) + pigment * alpha
-    if rng.random() < 0.25:  # dark corners of a round dermoscope field
-        r = np.hypot((xx - lw / 2) / (lw / 2), (yy - lh / 2) / (lh / 2))
-        image *= (1 - np.clip((r - rng.uniform(1.0, 1.25)) / 0.12, 0, 1) * 0.92)[..., None]
-    image = cv2.resize(np.clip(image, 0, 255).astype(np.uint8), (w, h),
-                       interpolation=cv2.INTER_LINEAR)
-    if rng.random() < 0.3:
-        _hairs(rng, image, pts * 4, int(rng.integers(2, 20)))
-    if rng.random() < 0.2:
-        _ruler(rng, image)
-    return image, mask
-
-
-def make_demo(root=DEMO_DIR, count=DEMO_COUNT, seed=DEMO_SEED):
-    """Write `count` generated pairs in the ISIC 2018 Task 1 layout under root.
-
-    The same seed gives the same bytes. Ids start at ISIC_9000000, outside the real range."""
-    root = Path(root)
-    images = root / "ISIC2018_Task1-2_Training_Input"
-    masks = root / "ISIC2018_Task1_Training_GroundTruth"
-    images.mkdir(parents=True, exist_ok=True)
-    masks.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        image, mask = demo_pair(np.random.default_rng([seed, i]))
-        pair_id = f"ISIC_{9000000 + i:07d}"
-        for path, array, params in ((images / f"{pair_id}.jpg", image[..., ::-1],
-                                     [cv2.IMWRITE_JPEG_QUALITY, 90]),
-                                    (masks / f"{pair_id}_segmentation.png", mask, [])):
-            if not cv2.imwrite(str(path), array, params):  # cv2 reports failure, never raises
-                raise OSError(f"cannot write {path}")
-    _write_json(root / DEMO_MARKER, {"generated_by": "load_dataset.make_demo", "count": count,
-                                     "seed": seed})
-    return root
+    Workers persist across epochs; what they produce depends only on (seed, epoch, index)."""
+    dataset = SegmentationDataset(pairs, settings, augment=train, cache=cache, seed=seed,
+                                  truth=truth)
+    sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                      drop_last=train and len(sampler) > batch_size, num_workers=workers,
+                      pin_memory=pin_memory, collate_fn=collate_skip_none,
+                      persistent_workers=workers > 0)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -651,7 +596,7 @@ def _split_lines(found, splits):
         if s == "train":
             how = f"training pairs left after drawing {'+'.join(drawn)}" if drawn else "official"
         elif s in drawn:
-            how = f"drawn from training, saved in {work_dir(found.root) / 'split.json'}"
+            how = f"drawn from training, saved in {split_file_for(found.root)}"
         else:
             how = "official"
         lines.append(f"  {s}: {len(splits[s])} pairs ({how})")
@@ -667,6 +612,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=None,
                         help=f"demo seed (default {DEMO_SEED}) or split seed (default {SEED})")
     parser.add_argument("--min-side", type=int, default=MIN_SIDE, help="smallest usable image side")
+    parser.add_argument("--build-cache", action="store_true",
+                        help="decode and resize every pair into the cache ahead of training")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(320, 320), metavar=("H", "W"),
+                        help="working size of --build-cache (train_model.py's IMAGE_SIZE)")
     args = parser.parse_args(argv)
 
     if args.make_demo:
@@ -692,6 +641,20 @@ def main(argv=None):
         print(err, file=sys.stderr)
         return 2
     print(_split_lines(found, splits))
+    print(f"Written: the split in {split_file_for(root)}, the memo of file checks in "
+          f"{scan_memo(root)}")
+    if args.build_cache:
+        return build_cache(found, tuple(args.image_size))
+    return 0
+
+
+def build_cache(found, size_hw):
+    pairs = [p for split in found.splits.values() for p in split]
+    cache = preprocess.PreprocessCache(cache_dir_for(found.root), size_hw)
+    errors = cache.build(pairs)
+    for path, err in errors:
+        print(f"skipped {path}: {_reason(err, path)}", file=sys.stderr)
+    print(f"cache: {len(pairs) - len(errors)} pairs at {size_hw[0]}x{size_hw[1]} in {cache.dir}")
     return 0
 
 

@@ -7,6 +7,8 @@ is 1.0 (both masks empty is a perfect answer), as `isic-challenge-scoring` compu
 import numpy as np
 import torch
 
+import preprocess
+
 JACCARD_THRESHOLD = 0.65  # ISIC 2018 Task 1: an image's IoU below this counts as 0
 SCORE_NAMES = ("iou", "dice", "threshold_jaccard", "sensitivity", "specificity", "accuracy")
 
@@ -22,6 +24,14 @@ def confusion(pred, truth):
     fn = int(np.count_nonzero(truth)) - tp
     tn = pred.size - tp - fp - fn
     return tp, fp, fn, tn
+
+
+def confusion_at_original(prob, truth, threshold=0.5):
+    """(tp, fp, fn, tn) of a probability map at network size against a true mask at its own
+    size: the map is resized to the mask's size (bilinear), then cut at prob >= threshold.
+    Validation during training and test_model.py --evaluate both score this way."""
+    return confusion(preprocess.binarise(preprocess.prob_to_original(prob, truth.shape),
+                                         threshold), truth)
 
 
 def batch_confusion(prob, truth, threshold=0.5):

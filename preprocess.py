@@ -1,14 +1,17 @@
 """Image -> tensor and back: the one place that knows the size rule, the normalisation,
-the augmentation, and the preprocessed cache.
+the augmentation, the preprocessed cache, and how a file is written whole or not at all.
 
-    python preprocess.py --data data --image-size 320 320    # build the cache ahead of training
+The cache is built ahead of training from the data scan: `python load_dataset.py --data data
+--build-cache`.
 """
-import argparse
 import hashlib
 import json
 import os
 import sys
-import warnings
+from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would ask PyPI at import
@@ -23,10 +26,11 @@ from PIL import Image, ImageOps
 # get_preprocessing_params asks the model hub for them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATION = "area"  # images: area averaging to shrink, linear to enlarge; masks: nearest
+INTERPOLATIONS = {"area": (cv2.INTER_AREA, cv2.INTER_LINEAR),
+                  "linear": (cv2.INTER_LINEAR, cv2.INTER_LINEAR)}  # name -> (shrink, enlarge)
 MAX_PIXELS = 150_000_000  # refuse larger declared sizes (ISIC's largest is about 30 MP)
-CACHE_VERSION = 1  # bump when the cached arrays would change for the same settings
-IMAGE_SIZE = (320, 320)  # default working size (height, width) for `python preprocess.py`
-ENCODER_DEPTH = 5  # default encoder depth for `python preprocess.py`
+CACHE_VERSION = 2  # bump when the cached arrays would change for the same settings
 
 # PIL's own bomb check warns first and errors at twice the limit; we check the header ourselves.
 Image.MAX_IMAGE_PIXELS = None
@@ -35,6 +39,61 @@ cv2.setNumThreads(1)  # loader workers are already one per core
 
 class ImageError(ValueError):
     """A file that cannot be used as an image or mask; the message names the file."""
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    """What shapes the network's input; saved in every checkpoint and read back by inference."""
+    size_hw: tuple
+    interpolation: str = INTERPOLATION
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+
+# ---------------------------------------------------------------------------- writing files
+
+@contextmanager
+def atomic_write(path, durable=False):
+    """Yield a temporary path beside `path`; on success it is renamed to `path`.
+
+    A crash or Ctrl-C leaves the previous file intact and no half-written one under its name.
+    `durable` also flushes the bytes and the rename to disk (checkpoints)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a removed folder: say where, keep the old file
+        tmp.unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
+        raise OSError(f"could not write {path}: {exc.strerror or exc}{kept}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder):
+    """Make a rename survive a power cut; not every system can open a folder, which is fine."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text(path, text):
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 # ---------------------------------------------------------------------------- size rule
@@ -98,8 +157,8 @@ def _decode(img, path):
         raise ImageError(f"{path}: truncated or corrupt image data ({exc})") from None
 
 
-def read_image(path, min_hw=None, notes=None):
-    """RGB uint8 array (H, W, 3) with the EXIF orientation applied.
+def read_image(path, min_hw=None, notes=None, exif=True):
+    """RGB uint8 array (H, W, 3), turned by its EXIF orientation unless `exif` is False.
 
     With `min_hw`, a JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) whose sides stay at
     least `min_hw`: a 6000x4000 JPEG decodes several times faster that way. `notes`, when a
@@ -111,9 +170,8 @@ def read_image(path, min_hw=None, notes=None):
             side = max(min_hw)  # the orientation may swap the axes, so ask for the larger side
             img.draft("RGB", (side, side))
         _decode(img, path)
-        if orientation != 1:
+        if orientation != 1 and exif:
             img = ImageOps.exif_transpose(img)
-            notes.append(f"EXIF orientation {orientation} applied")
         mode = img.mode
         if mode == "RGB":
             return np.asarray(img).copy()
@@ -164,13 +222,47 @@ def read_mask(path, notes=None):
     return (arr > 128).astype(np.uint8)
 
 
+def stored_hw(path):
+    """(height, width) of the pixels as stored, before any EXIF orientation (masks, PNGs)."""
+    with _open(path) as img:
+        return img.height, img.width
+
+
+def _same_aspect(a, b):
+    return abs((a[1] / a[0]) / (b[1] / b[0]) - 1) <= 0.01
+
+
+def pair_orientation(image_info_, mask_hw):
+    """(turn the image by its EXIF orientation?, a note or None), decided by the mask's shape.
+
+    The official scorer compares raw arrays and masks are never turned, so the mask decides:
+    an image is turned only when its mask has the turned shape (orientations 5 to 8 swap the
+    axes). Where the shape cannot tell (flips, half turns, square images), the stored pixels
+    are kept, as the scorer would compare them."""
+    o = image_info_["orientation"]
+    if o == 1:
+        return True, None
+    turned = (image_info_["height"], image_info_["width"])
+    stored = turned[::-1] if o in (5, 6, 7, 8) else turned
+    if turned != stored and _same_aspect(mask_hw, turned) and not _same_aspect(mask_hw, stored):
+        return True, f"EXIF orientation {o} applied: its mask has the turned shape"
+    if turned != stored:
+        if _same_aspect(mask_hw, stored):
+            return False, (f"EXIF orientation {o} not applied: its mask has the shape of the "
+                           f"image as stored")
+        return False, f"EXIF orientation {o} not applied"
+    return False, (f"EXIF orientation {o} not applied: a flip or half turn cannot be told from "
+                   f"the mask's shape, so the stored pixels are used, as the ISIC scorer does")
+
+
 # ---------------------------------------------------------------------------- to network size
 
-def resize_pair(image, mask, size_hw):
-    """Image and mask resized to the network size; area averaging to shrink, nearest for masks."""
+def resize_pair(image, mask, size_hw, interpolation=INTERPOLATION):
+    """Image and mask resized to the network size; masks by nearest neighbour."""
     h, w = size_hw
+    shrink_mode, enlarge_mode = INTERPOLATIONS[interpolation]
     shrink = image.shape[0] >= h and image.shape[1] >= w
-    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    image = cv2.resize(image, (w, h), interpolation=shrink_mode if shrink else enlarge_mode)
     if mask is not None:
         if mask.shape[:2] != image.shape[:2]:
             mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
@@ -195,13 +287,11 @@ def train_augment(size_hw, seed=None):
     ], seed=seed)
 
 
-_MEAN = np.array(IMAGENET_MEAN, np.float32) * 255
-_INV_STD = 1.0 / (np.array(IMAGENET_STD, np.float32) * 255)
-
-
-def to_tensor(image):
-    """uint8 RGB (H, W, 3) -> normalised float32 tensor (3, H, W)."""
-    arr = (image.astype(np.float32) - _MEAN) * _INV_STD
+def to_tensor(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 RGB (H, W, 3) -> float32 tensor (3, H, W), normalised by mean and std (of 0..1)."""
+    scale = np.float32(255)
+    arr = (image.astype(np.float32) - np.float32(mean) * scale) * (
+        np.float32(1) / (np.float32(std) * scale))
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
@@ -210,25 +300,19 @@ def mask_to_tensor(mask):
     return torch.from_numpy(mask.astype(np.float32)[None])
 
 
-def eval_input(path, size_hw):
-    """Inference input: (1, 3, H, W) tensor at network size and the image's original (h, w)."""
+def eval_input(path, settings, exif=True):
+    """Inference input: (1, 3, H, W) tensor at network size and the (h, w) of the image read."""
+    image = read_image(path, min_hw=settings.size_hw, exif=exif)
+    # a reduced-scale JPEG decode is smaller than the file: its size comes from the header
     info = image_info(path)
-    image = read_image(path, min_hw=size_hw)
-    small, _ = resize_pair(image, None, size_hw)
-    return to_tensor(small)[None], (info["height"], info["width"])
+    hw = (info["height"], info["width"])
+    if not exif and info["orientation"] in (5, 6, 7, 8):
+        hw = hw[::-1]
+    small, _ = resize_pair(image, None, settings.size_hw, settings.interpolation)
+    return to_tensor(small, settings.mean, settings.std)[None], hw
 
 
 # ---------------------------------------------------------------------------- the way back
-
-def to_original(prob, original_hw, threshold=0.5):
-    """Probability map at network size -> 0/255 uint8 mask at the original (h, w)."""
-    if isinstance(prob, torch.Tensor):
-        prob = prob.detach().float().cpu().numpy()
-    prob = np.asarray(prob, np.float32).squeeze()
-    h, w = original_hw
-    big = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.where(big >= threshold, 255, 0).astype(np.uint8)
-
 
 def prob_to_original(prob, original_hw):
     """Probability map at network size -> float32 map at the original (h, w)."""
@@ -237,6 +321,34 @@ def prob_to_original(prob, original_hw):
     h, w = original_hw
     return cv2.resize(np.asarray(prob, np.float32).squeeze(), (w, h),
                       interpolation=cv2.INTER_LINEAR)
+
+
+def binarise(prob, threshold):
+    """Lesion where prob >= threshold, as bool; float32 on both sides, so that every caller
+    (validation, --evaluate, --threshold-analysis) cuts at the same value."""
+    return prob >= np.float32(threshold)
+
+
+def pack_truth(truth):
+    """A bool mask as (bits, (h, w)): an eighth of the bytes, for the cache and the loaders."""
+    return np.packbits(truth.ravel()), tuple(truth.shape)
+
+
+def unpack_truth(bits, hw):
+    return np.unpackbits(bits, count=hw[0] * hw[1]).reshape(hw).astype(bool)
+
+
+def ordered_map(fn, items, threads):
+    """fn(*item) over items in threads, results in order, a bounded number in flight: resizing
+    to full size and PNG encoding (GIL released) then overlap the model instead of waiting."""
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(fn, *item))
+            if len(pending) > 2 * max(1, threads):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 # ---------------------------------------------------------------------------- the cache
@@ -249,53 +361,73 @@ def _file_key(path):
 
 
 class PreprocessCache:
-    """Decoded, corrected and resized pairs kept on disk as uint8 arrays.
+    """Decoded, corrected and resized pairs kept on disk as uint8 arrays, and the true masks at
+    their own size as packed bits (for validation at original size).
 
     An entry is keyed by the source files (path, size, modification time) and by every
     setting that changes the result, so a changed file or setting is rebuilt, never served
     stale. Entries are small .npy files read on demand: nothing is held in memory."""
 
-    def __init__(self, cache_dir, size_hw, depth=5):
+    def __init__(self, cache_dir, size_hw, interpolation=INTERPOLATION):
         self.size_hw = tuple(int(s) for s in size_hw)
-        self.depth = int(depth)
-        self.dir = Path(cache_dir) / f"{self.size_hw[0]}x{self.size_hw[1]}"
-        self.settings = {"version": CACHE_VERSION, "size": self.size_hw, "depth": self.depth,
-                         "image_interp": "area|linear", "mask_interp": "nearest"}
+        self.root = Path(cache_dir)
+        self.dir = self.root / f"{self.size_hw[0]}x{self.size_hw[1]}"
+        self.settings = {"version": CACHE_VERSION, "size": self.size_hw,
+                         "image_interp": interpolation, "mask_interp": "nearest"}
 
-    def path_for(self, image_path, mask_path):
-        key = json.dumps([self.settings, _file_key(image_path), _file_key(mask_path)])
-        digest = hashlib.sha1(key.encode()).hexdigest()
-        return self.dir / digest[:2] / f"{digest}.npy"
+    def _entry(self, folder, *key):
+        digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()
+        return folder / digest[:2] / f"{digest}.npy"
 
-    def load(self, image_path, mask_path):
+    def path_for(self, image_path, mask_path, exif=True):
+        return self._entry(self.dir, self.settings, _file_key(image_path), _file_key(mask_path),
+                           bool(exif))
+
+    def load(self, image_path, mask_path, exif=True):
         """(image uint8 HxWx3, mask uint8 HxW 0/1 or None) at the working size."""
-        entry = self.path_for(image_path, mask_path)
+        entry = self.path_for(image_path, mask_path, exif)
         try:
             stacked = np.load(entry)
             if stacked.shape != (*self.size_hw, 4) or stacked.dtype != np.uint8:
                 raise ValueError("cache entry of another shape")
         except (FileNotFoundError, ValueError, OSError, EOFError):
-            stacked = self._build(image_path, mask_path, entry)
+            stacked = self._build(image_path, mask_path, entry, exif)
         image = stacked[..., :3]
         mask = stacked[..., 3] if mask_path is not None else None
         return image, mask
 
-    def _build(self, image_path, mask_path, entry):
-        image = read_image(image_path, min_hw=self.size_hw)
+    def _build(self, image_path, mask_path, entry, exif):
+        image = read_image(image_path, min_hw=self.size_hw, exif=exif)
         mask = read_mask(mask_path) if mask_path is not None else None
-        image, mask = resize_pair(image, mask, self.size_hw)
+        image, mask = resize_pair(image, mask, self.size_hw, self.settings["image_interp"])
         if mask is None:
             mask = np.zeros(image.shape[:2], np.uint8)
         stacked = np.concatenate([image, mask[..., None]], axis=2)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, stacked)
-        os.replace(tmp, entry)  # a crash mid-write never leaves a half entry
+        _save_npy(entry, stacked)
         return stacked
 
-    def _build_one(self, pair):
+    def truth(self, mask_path):
+        """(packed bits, (h, w)) of a true mask at its own size; decoded once, then read."""
+        entry = self._entry(self.root / "truth", CACHE_VERSION, _file_key(mask_path))
         try:
-            self.load(pair[0], pair[1])
+            stored = np.load(entry)
+            h, w = (int(v) for v in stored[:2].view(np.uint32))
+            bits = stored[8:]
+            if bits.size != (h * w + 7) // 8:
+                raise ValueError("truncated truth entry")
+            return bits, (h, w)
+        except (FileNotFoundError, ValueError, OSError, EOFError):
+            bits, hw = pack_truth(read_mask(mask_path) > 0)
+            header = np.array(hw, np.uint32).view(np.uint8)
+            _save_npy(entry, np.concatenate([header, bits]))
+            return bits, hw
+
+    def _build_one(self, task):
+        image_path, mask_path, exif = task
+        try:
+            self.load(image_path, mask_path, exif)
+            if mask_path is not None:
+                self.truth(mask_path)
             return None
         except (ImageError, OSError) as exc:
             return str(exc)
@@ -305,42 +437,19 @@ class PreprocessCache:
         from multiprocessing import get_context
         from tqdm import tqdm
 
-        todo = [(p.image, p.mask) for p in pairs]
+        todo = [(p.image, p.mask, p.exif) for p in pairs]
         workers = workers or os.cpu_count() or 1
         errors = []
         with get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) as pool:
             results = pool.imap(self._build_one, todo, chunksize=4)
-            for (image_path, _), err in tqdm(zip(todo, results), total=len(todo),
-                                             desc="caching", disable=not progress):
+            for (image_path, _, _), err in tqdm(zip(todo, results), total=len(todo),
+                                                desc="caching", disable=not progress):
                 if err:
                     errors.append((image_path, err))
         return errors
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build the preprocessed cache ahead of training.")
-    parser.add_argument("--data", default="data", help="data folder (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, nargs=2, default=IMAGE_SIZE, metavar=("H", "W"))
-    parser.add_argument("--depth", type=int, default=ENCODER_DEPTH, help="encoder depth")
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
-    args = parser.parse_args(argv)
-
-    import load_dataset
-
-    size = tuple(args.image_size)
-    if permitted_size(size, args.depth) != size:
-        sys.exit(f"--image-size {size} breaks the size rule: each side must be a multiple of "
-                 f"{2 ** args.depth}; nearest: {permitted_size(size, args.depth)}")
-    found = load_dataset.scan(args.data)
-    pairs = [p for split in found.splits.values() for p in split]
-    if not pairs:
-        sys.exit(load_dataset.no_data_message(args.data))
-    cache = PreprocessCache(load_dataset.work_dir(args.data) / ".cache", size, args.depth)
-    errors = cache.build(pairs, workers=args.workers)
-    for path, err in errors:
-        warnings.warn(f"skipped {path}: {err}")
-    print(f"cache: {len(pairs) - len(errors)} pairs at {size[0]}x{size[1]} in {cache.dir}")
-
-
-if __name__ == "__main__":
-    main()
+def _save_npy(entry, array):
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(entry) as tmp:  # two loader workers may build one entry: both whole
+        np.save(tmp, array)

@@ -9,19 +9,18 @@ Edit the constants below, or pass the matching flag.
 """
 import argparse
 import csv
+import io
 import json
 import os
 import random
 import sys
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # ----------------------------------------------------------------------------- settings
 MODEL_DIR = "Model"                # the newest *.pth under it is the default checkpoint
 CHECKPOINT = None                  # a checkpoint path; None: the newest best model in MODEL_DIR
-PREDICTION_DIR = "Model/predictions"  # masks and overlays of single images go here
-EVALUATION_DIR = "Model/evaluation"   # <this>/<split>/ for --evaluate, <this>/threshold_<split>/
+OUT_DIR = None                     # None: beside the checkpoint, in predictions/ (single images)
+                                   #   and evaluation/<split>/, evaluation/threshold_<split>/
 EVALUATE_SPLIT = "test"            # split scored by --evaluate
 ANALYSIS_SPLIT = "valid"           # split of --threshold-analysis (never tune on test)
 THRESHOLD = None                   # None: the threshold stored in the checkpoint (train_model's)
@@ -41,13 +40,13 @@ import cv2  # noqa: E402  (the settings above come first, as a reader looks for 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import load_dataset  # noqa: E402
 import metrics  # noqa: E402
+import model as model_lib  # noqa: E402
 import preprocess  # noqa: E402
-import train_model  # noqa: E402
+from model import CheckpointError, SettingError  # noqa: E402
 
 NOT_IMAGES = ("_segmentation", "_mask", "_superpixels", "_overlay")  # stems skipped in folders
 
@@ -68,53 +67,31 @@ def find_checkpoint(model_dir):
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
-def load_model(path, device):
-    """(model in eval mode on device, checkpoint dict); CheckpointError for a file not ours."""
-    ckpt = train_model.load_checkpoint(path)
-    model = train_model.model_from_checkpoint(ckpt, path).to(device).eval()
-    if device.type == "cuda" and CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)
-    return model, ckpt
-
-
-@torch.inference_mode()
 def predict_batch(model, images, device):
     """Probabilities (N, h, w) float32 numpy at network size for a (N, 3, H, W) batch."""
-    model.eval()
-    images = images.to(device, non_blocking=True)
-    if device.type == "cuda" and CHANNELS_LAST:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with train_model._autocast(device, MIXED_PRECISION):
-        logits = model(images)
-    return torch.sigmoid(logits.float())[:, 0].cpu().numpy()  # sigmoid in float32, not bf16
+    return model_lib.probabilities(model, images, device, MIXED_PRECISION and
+                                   device.type == "cuda", CHANNELS_LAST and
+                                   device.type == "cuda").cpu().numpy()
 
 
-def predict(model, ckpt, image_path, device):
-    """Probability map (float32) of one image at its original size (after EXIF orientation)."""
-    tensor, original_hw = preprocess.eval_input(image_path, tuple(ckpt["image_size"]))
-    return preprocess.prob_to_original(predict_batch(model, tensor, device)[0], original_hw)
+def predict(model, ckpt, image_path, device, exif=True, hw=None):
+    """Probability map (float32) of one image at its size as read (or at `hw`)."""
+    settings = model_lib.input_settings(ckpt)
+    tensor, read_hw = preprocess.eval_input(image_path, settings, exif=exif)
+    return preprocess.prob_to_original(predict_batch(model, tensor, device)[0], hw or read_hw)
 
 
-def binarise(prob, threshold):
-    # float32 on both sides, so --evaluate and --threshold-analysis cut at the same value
-    return np.where(prob >= np.float32(threshold), 255, 0).astype(np.uint8)
+def to_png_mask(pred):
+    """bool mask -> 0/255 uint8, as the ISIC scorer reads it."""
+    return np.where(pred, 255, 0).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- files
 
 def write_mask(mask, path):
     """0/255 mask as an 8-bit grayscale (mode L) PNG, the format the ISIC scorer reads."""
-    tmp = path.with_name(path.stem + ".tmp.png")
-    Image.fromarray(mask).save(tmp, compress_level=1)  # a 24 MP mask: fast beats small
-    os.replace(tmp, path)
-
-
-def read_truth(mask_path, hw):
-    """True mask as bool at (h, w), binarised as the official scorer does (> 128)."""
-    truth = preprocess.read_mask(mask_path)
-    if truth.shape != tuple(hw):  # load_dataset accepts same-aspect masks and resizes them too
-        truth = cv2.resize(truth, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
-    return truth.astype(bool)
+    with preprocess.atomic_write(path) as tmp:
+        Image.fromarray(mask).save(tmp, compress_level=1)  # a 24 MP mask: fast beats small
 
 
 def image_files(paths):
@@ -130,14 +107,32 @@ def image_files(paths):
         else:
             print(f"skipped {path}: no such file or folder", file=sys.stderr)
     beside = [p.with_name(f"{p.stem}_segmentation.png") for p in found]
-    return [(p, m if m.is_file() else None, p.stem) for p, m in zip(found, beside)]
+    return [(p, m if m.is_file() else None, name)
+            for p, m, name in zip(found, beside, unique_names(found))]
+
+
+def unique_names(paths):
+    """Output names: the file stem, with its folders in front where two inputs share a stem."""
+    paths = [Path(p).absolute() for p in paths]
+    names, depth = [p.stem for p in paths], 0
+    while len(set(names)) < len(names) and depth < 8:
+        depth += 1
+        stems = [p.stem for p in paths]
+        names = [n if stems.count(s) == 1 else "_".join(p.parts[-1 - depth:-1] + (s,))
+                 for n, s, p in zip(names, stems, paths)]
+    seen = {}
+    for i, name in enumerate(names):  # the same file given twice
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            names[i] = f"{name}_{seen[name]}"
+    return names
 
 
 def load_split(ckpt, data, split):
     """Pairs of a split, found as the checkpoint's training run found them (or under --data)."""
-    data_dir = Path(data or ckpt.get("data_dir") or train_model.DATA_DIR)
+    data_dir = Path(data or ckpt.get("data_dir") or load_dataset.DATA_DIR)
     if data or not ckpt.get("split_file"):
-        split_file = load_dataset.work_dir(data_dir) / "split.json"  # where train_model.py puts it
+        split_file = load_dataset.split_file_for(data_dir)
     else:
         split_file = Path(ckpt["split_file"])
     found = load_dataset.scan(data_dir)
@@ -145,10 +140,7 @@ def load_split(ckpt, data, split):
         where = "given by --data" if data else "recorded in the checkpoint"
         raise UsageError(f"no image/mask pairs under {data_dir} (the data folder {where}); "
                          f"pass --data DIR")
-    pairs = load_dataset.split_pairs(found, seed=train_model.SEED,
-                                     valid_fraction=train_model.VALID_FRACTION,
-                                     test_fraction=train_model.TEST_FRACTION,
-                                     split_file=split_file)[split]
+    pairs = load_dataset.split_pairs(found, split_file=split_file)[split]
     if not pairs:
         raise UsageError(f"the {split} split of {data_dir} is empty (no image/mask pairs); "
                          f"add data or pick another --split")
@@ -157,7 +149,7 @@ def load_split(ckpt, data, split):
 
 # ----------------------------------------------------------------------------- one image
 
-def save_overlay(image_path, prob, pred, truth, path, title):
+def save_overlay(image_path, prob, pred, truth, path, title, exif=True):
     """Image, probability map, and the predicted (and true) outline, shrunk for big images."""
     import matplotlib
     matplotlib.use("Agg")
@@ -168,7 +160,7 @@ def save_overlay(image_path, prob, pred, truth, path, title):
     scale = min(1.0, FIGURE_MAX_SIDE / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     side = FIGURE_MAX_SIDE
-    image = cv2.resize(preprocess.read_image(image_path, min_hw=(side, side)), size,
+    image = cv2.resize(preprocess.read_image(image_path, min_hw=(side, side), exif=exif), size,
                        interpolation=cv2.INTER_AREA)
     fig, axes = plt.subplots(1, 3, figsize=(15, min(10, max(3, 5 * h / w)) + 0.6))
     axes[0].imshow(image)
@@ -195,94 +187,83 @@ def save_overlay(image_path, prob, pred, truth, path, title):
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with preprocess.atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
 def predict_files(model, ckpt, items, device, out, threshold, checkpoint_path):
-    """Mask PNG and overlay per (image, true mask or None, name); unreadable images are skipped."""
+    """Mask PNG and overlay per (image, true mask or None, name); unreadable images are skipped.
+
+    With no true mask, the mask is written in the orientation a viewer shows (EXIF applied);
+    with one, it has the true mask's shape (the mask decides the orientation, as in training)."""
     out.mkdir(parents=True, exist_ok=True)
+    report_replaced(out, [f"{name}_{kind}.png" for _, _, name in items
+                          for kind in ("segmentation", "overlay")])
     done = 0
     for image_path, mask_path, name in items:
         try:
-            prob = predict(model, ckpt, image_path, device)
+            truth, exif = None, True
+            if mask_path is not None:
+                truth = read_truth_beside(mask_path)
+            if truth is not None:
+                exif, _ = preprocess.pair_orientation(preprocess.image_info(image_path),
+                                                      truth.shape)
+            prob = predict(model, ckpt, image_path, device, exif,
+                           truth.shape if truth is not None else None)
         except (preprocess.ImageError, OSError) as exc:
-            print(f"skipped {image_path}: {exc}", file=sys.stderr)
+            print(f"skipped {load_dataset.describe_error(exc, image_path)}", file=sys.stderr)
             continue
-        pred = binarise(prob, threshold)
+        pred = preprocess.binarise(prob, threshold)
         mask_file, figure = out / f"{name}_segmentation.png", out / f"{name}_overlay.png"
-        write_mask(pred, mask_file)
-        truth, line = None, ""
-        if mask_path is not None:
-            try:
-                truth = read_truth(mask_path, pred.shape)
-                s = metrics.scores(*metrics.confusion(pred > 128, truth))
-                line = f"; IoU {s['iou']:.4f}, Dice {s['dice']:.4f} against {mask_path}"
-            except (preprocess.ImageError, OSError) as exc:
-                print(f"true mask not used: {exc}", file=sys.stderr)
+        write_mask(to_png_mask(pred), mask_file)
+        line = ""
+        if truth is not None:
+            s = metrics.scores(*metrics.confusion(pred, truth))
+            line = f"; IoU {s['iou']:.4f}, Dice {s['dice']:.4f} against {mask_path}"
         save_overlay(image_path, prob, pred, truth, figure,
-                     f"{image_path.name}  ({Path(checkpoint_path).name}, threshold {threshold:g})")
+                     f"{image_path.name}  ({Path(checkpoint_path).name}, threshold {threshold:g})",
+                     exif)
         print(f"{image_path} ({pred.shape[1]}x{pred.shape[0]}): mask {mask_file}, "
               f"overlay {figure}{line}")
         done += 1
     return done
 
 
+def read_truth_beside(mask_path):
+    try:
+        return preprocess.read_mask(mask_path) > 0
+    except (preprocess.ImageError, OSError) as exc:
+        print(f"true mask not used: {exc}", file=sys.stderr)
+        return None
+
+
+def report_replaced(out, names):
+    """One line when this run overwrites results an earlier run left in `out`."""
+    replaced = [n for n in names if (out / n).exists()]
+    if replaced:
+        print(f"note: replacing {len(replaced)} earlier result file(s) in {out}")
+
+
 # ----------------------------------------------------------------------------- a whole split
 
-class SplitImages(Dataset):
-    """(tensor at network size or None, original (h, w), index, error) per pair: decoding and
-    resizing happen in the loader's workers, the sizes travel with each image."""
-
-    def __init__(self, pairs, size_hw):
-        self.pairs, self.size_hw = list(pairs), tuple(size_hw)
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, i):
-        try:
-            tensor, hw = preprocess.eval_input(self.pairs[i].image, self.size_hw)
-            return tensor[0], hw, i, None
-        except (preprocess.ImageError, OSError) as exc:
-            return None, None, i, str(exc)
-
-
-def collate_sizes(batch):
-    """Stack the network-size tensors; keep original sizes, indices and errors as lists."""
-    good = [item for item in batch if item[0] is not None]
-    images = torch.stack([item[0] for item in good]) if good else None
-    return images, [item[1:] for item in good], [item[2:] for item in batch if item[0] is None]
-
-
 def split_probabilities(model, ckpt, pairs, device, batch_size, workers, desc):
-    """Yield (pair, probability map at network size, original (h, w)) over a split."""
-    loader = DataLoader(SplitImages(pairs, ckpt["image_size"]), batch_size=batch_size,
-                        num_workers=workers, collate_fn=collate_sizes,
-                        pin_memory=device.type == "cuda")
+    """Yield (pair, probability map at network size, true mask at its own size) over a split.
+
+    The images and masks go through load_dataset's Dataset exactly as validation during
+    training reads them (same decode, resize and normalisation, from the checkpoint)."""
+    loader = load_dataset.make_loader(pairs, model_lib.input_settings(ckpt), batch_size,
+                                      workers=workers, truth=True,
+                                      pin_memory=device.type == "cuda")
     with tqdm(total=len(pairs), desc=desc, unit="image") as bar:
-        for images, good, failed in loader:
-            for i, error in failed:
-                tqdm.write(f"skipped {pairs[i].image}: {error}", file=sys.stderr)
-                bar.update()
-            if images is None:
+        for batch in loader:
+            if batch is None:
                 continue
-            for prob, (hw, i, _) in zip(predict_batch(model, images, device), good):
-                yield pairs[i], prob, hw
+            images, _, indices, truths = batch
+            for prob, i, (bits, hw) in zip(predict_batch(model, images, device),
+                                           indices.tolist(), truths):
+                yield pairs[i], prob, preprocess.unpack_truth(bits, hw)
                 bar.update()
-
-
-def in_order(fn, items, threads):
-    """fn over items in threads, results in order, a bounded number in flight: resizing to full
-    size and PNG encoding (GIL released) then overlap the model instead of waiting for it."""
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        pending = deque()
-        for item in items:
-            pending.append(pool.submit(fn, *item))
-            if len(pending) > 2 * max(1, threads):
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def evaluate_split(model, ckpt, pairs, device, out, threshold, batch_size=BATCH_SIZE,
@@ -290,42 +271,45 @@ def evaluate_split(model, ckpt, pairs, device, out, threshold, batch_size=BATCH_
     """ISIC-format masks of every pair in <out>/masks, per_image.csv and summary.json."""
     mask_dir = out / "masks"
     mask_dir.mkdir(parents=True, exist_ok=True)
-    for old in mask_dir.glob("*_segmentation.png"):  # a stale mask would be scored as this run's
-        old.unlink()
+    old = list(mask_dir.glob("*_segmentation.png"))
+    if old or (out / "summary.json").exists():
+        print(f"note: replacing the earlier evaluation in {out} ({len(old)} masks)")
+    for path in old:  # a stale mask would be scored as this run's
+        path.unlink()
     if any(not load_dataset.ISIC_ID.search(p.id) for p in pairs):
         print("note: some ids hold no ISIC_<7 digits> id; the official scorer cannot match them")
 
-    def score(pair, prob, hw):
-        pred = binarise(preprocess.prob_to_original(prob, hw), threshold)
-        write_mask(pred, mask_dir / f"{pair.id}_segmentation.png")
-        try:
-            return pair.id, metrics.confusion(pred > 128, read_truth(pair.mask, hw))
-        except (preprocess.ImageError, OSError) as exc:  # the file changed after the scan
-            tqdm.write(f"not scored: {exc}", file=sys.stderr)
-            return pair.id, None
+    def score(pair, prob, truth):
+        pred = preprocess.binarise(preprocess.prob_to_original(prob, truth.shape), threshold)
+        write_mask(to_png_mask(pred), mask_dir / f"{pair.id}_segmentation.png")
+        return pair.id, metrics.confusion(pred, truth)
 
     rows, counts = [], []
     probs = split_probabilities(model, ckpt, pairs, device, batch_size, workers,
                                 f"evaluate {split}")
-    for pair_id, confusion in in_order(score, probs, workers):
-        if confusion is None:
-            continue
+    for pair_id, confusion in preprocess.ordered_map(score, probs, max(1, workers)):
         tp, fp, fn, tn = confusion
         counts.append(confusion)
         total = tp + fp + fn + tn
-        image_scores = metrics.scores(tp, fp, fn, tn)
-        rows.append({"id": pair_id, **{k: round(v, 6) for k, v in image_scores.items()},
+        rows.append({"id": pair_id, **{k: round(v, 6) for k, v in
+                                       metrics.scores(*confusion).items()},
                      "predicted_area": round((tp + fp) / total, 6),
                      "true_area": round((tp + fn) / total, 6)})
-    with open(out / "per_image.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["id", *metrics.SCORE_NAMES, "predicted_area",
-                                               "true_area"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "per_image.csv", rows, ["id", *metrics.SCORE_NAMES, "predicted_area",
+                                             "true_area"])
     summary = metrics.mean_scores(counts)
-    summary.update(split=split, checkpoint=str(checkpoint_path), threshold=threshold)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary.update(split=split, checkpoint=str(checkpoint_path), epoch=ckpt.get("epoch"),
+                   threshold=threshold)
+    preprocess.write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def write_csv(path, rows, columns):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    preprocess.write_text(path, text.getvalue())
 
 
 def threshold_counts(prob, truth, thresholds):
@@ -345,15 +329,11 @@ def threshold_counts(prob, truth, thresholds):
 
 
 def threshold_analysis(model, ckpt, pairs, device, out, thresholds=THRESHOLDS,
-                       batch_size=BATCH_SIZE, workers=WORKERS, split="valid"):
+                       batch_size=BATCH_SIZE, workers=WORKERS, split="valid",
+                       checkpoint_path="checkpoint"):
     """Histogram of probabilities and mean scores against the threshold, all at original size."""
-    def count(pair, prob, hw):
-        big = preprocess.prob_to_original(prob, hw)
-        try:
-            truth = read_truth(pair.mask, hw)
-        except (preprocess.ImageError, OSError) as exc:  # the file changed after the scan
-            tqdm.write(f"not counted: {exc}", file=sys.stderr)
-            return None
+    def count(pair, prob, truth):
+        big = preprocess.prob_to_original(prob, truth.shape)
         bins = np.minimum((big * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
         hist = np.bincount(bins.ravel() + HISTOGRAM_BINS * truth.ravel(),
                            minlength=2 * HISTOGRAM_BINS).reshape(2, HISTOGRAM_BINS)
@@ -362,29 +342,26 @@ def threshold_analysis(model, ckpt, pairs, device, out, thresholds=THRESHOLDS,
     per_image, hist = [], np.zeros((2, HISTOGRAM_BINS), np.int64)
     probs = split_probabilities(model, ckpt, pairs, device, batch_size, workers,
                                 f"analyse {split}")
-    for result in in_order(count, probs, workers):
-        if result is not None:
-            per_image.append(result[0])
-            hist += result[1]
+    for result in preprocess.ordered_map(count, probs, max(1, workers)):
+        per_image.append(result[0])
+        hist += result[1]
     if not per_image:
         raise UsageError(f"no readable image in the {split} split")
     per_image = np.stack(per_image)  # (images, thresholds, 4)
     curve = [{"threshold": t, **metrics.mean_scores(per_image[:, i])}
              for i, t in enumerate(thresholds)]
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "threshold_curve.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["threshold", *metrics.SCORE_NAMES, "images"])
-        writer.writeheader()
-        writer.writerows(curve)
+    write_csv(out / "threshold_curve.csv", curve, ["threshold", *metrics.SCORE_NAMES, "images"])
     edges = np.linspace(0, 1, HISTOGRAM_BINS + 1)
-    with open(out / "probability_histogram.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["bin_start", "bin_end", "background_pixels", "lesion_pixels"])
-        writer.writerows([round(edges[i], 4), round(edges[i + 1], 4), int(hist[0, i]),
-                          int(hist[1, i])] for i in range(HISTOGRAM_BINS))
+    write_csv(out / "probability_histogram.csv",
+              [{"bin_start": round(edges[i], 4), "bin_end": round(edges[i + 1], 4),
+                "background_pixels": int(hist[0, i]), "lesion_pixels": int(hist[1, i])}
+               for i in range(HISTOGRAM_BINS)],
+              ["bin_start", "bin_end", "background_pixels", "lesion_pixels"])
     best = max(curve, key=lambda row: row[BEST_BY])  # the first of equal scores, as np.argmax
     plot_analysis(hist, edges, curve, best, out / "threshold_analysis.png",
-                  f"{split} split, {len(per_image)} images, pixels at original resolution")
+                  f"{Path(str(checkpoint_path)).name}: {split} split, {len(per_image)} images, "
+                  f"pixels at original resolution")
     return curve, best
 
 
@@ -402,16 +379,20 @@ def plot_analysis(hist, edges, curve, best, path, title):
              title="where the probabilities cluster", xlim=(0, 1), ylim=(0.8, None))
     left.legend()
     t = [row["threshold"] for row in curve]
-    for key, label in (("iou", "mean IoU"), ("threshold_jaccard", "thresholded Jaccard"),
-                       ("dice", "mean Dice")):
-        right.plot(t, [row[key] for row in curve], "o-", ms=3, label=label)
+    # thresholded Jaccard equals IoU wherever every image scores >= 0.65: dashed on top of
+    # a thicker IoU line, so both stay visible where they coincide
+    for key, label, style, width in (("iou", "mean IoU", "o-", 3.0),
+                                     ("threshold_jaccard", "thresholded Jaccard", "s--", 1.2),
+                                     ("dice", "mean Dice", "^-", 1.2)):
+        right.plot(t, [row[key] for row in curve], style, ms=3, lw=width, label=label)
     right.axvline(best["threshold"], color="grey", ls="--", lw=1,
                   label=f"best {BEST_BY}: {best['threshold']:g}")
     right.set(xlabel="threshold", ylabel="score", title="score against threshold", xlim=(0, 1))
     right.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with preprocess.atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
@@ -448,30 +429,34 @@ def run(args):
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError(f"BATCH_SIZE={args.batch_size} must be >= 1 and "
                          f"WORKERS={args.workers} >= 0")
-    device = train_model.pick_device(args.device)
+    device = model_lib.pick_device(args.device)
     path = Path(args.checkpoint) if args.checkpoint else find_checkpoint(args.model_dir)
-    model, ckpt = load_model(path, device)
+    model, ckpt = model_lib.load_model(path, device, CHANNELS_LAST)
     threshold = args.threshold if args.threshold is not None else float(ckpt.get("threshold", 0.5))
     print(f"checkpoint: {path} (FPN {ckpt['encoder']}, epoch {ckpt.get('epoch')}, valid IoU "
           f"{float(ckpt.get('valid_iou') or 0):.4f}); device: {device.type}; "
           f"threshold {threshold:g}")
     if ckpt.get("demo"):
         print("note: this checkpoint was trained on generated demo data, not on real lesions")
+    outputs = Path(args.out) if args.out else None
+    beside = path.parent  # outputs stay beside the model that made them
 
     if args.threshold_analysis:
         split = args.split or ANALYSIS_SPLIT
-        out = Path(args.out or Path(EVALUATION_DIR) / f"threshold_{split}")
+        out = outputs or beside / "evaluation" / f"threshold_{split}"
         curve, best = threshold_analysis(model, ckpt, load_split(ckpt, args.data, split), device,
-                                         out, THRESHOLDS, args.batch_size, args.workers, split)
+                                         out, THRESHOLDS, args.batch_size, args.workers, split,
+                                         path)
         at = min(curve, key=lambda row: abs(row["threshold"] - threshold))
+        advice = f"; use it with --threshold {best['threshold']:g}" \
+            if abs(best["threshold"] - threshold) > 1e-9 else " (the threshold in use)"
         print(f"best threshold on {split}: {best['threshold']:g} (mean {BEST_BY} "
-              f"{best[BEST_BY]:.4f}; {at[BEST_BY]:.4f} at {at['threshold']:g}); use it with "
-              f"--threshold {best['threshold']:g}")
+              f"{best[BEST_BY]:.4f}; {at[BEST_BY]:.4f} at {at['threshold']:g}){advice}")
         print(f"saved {out / 'threshold_analysis.png'}, {out / 'threshold_curve.csv'}, "
               f"{out / 'probability_histogram.csv'}")
     elif args.evaluate:
         split = args.split or EVALUATE_SPLIT
-        out = Path(args.out or Path(EVALUATION_DIR) / split)
+        out = outputs or beside / "evaluation" / split
         summary = evaluate_split(model, ckpt, load_split(ckpt, args.data, split), device, out,
                                  threshold, args.batch_size, args.workers, split, path)
         print(f"{split} split, {summary['images']} images, threshold {threshold:g}: " + ", ".join(
@@ -479,7 +464,7 @@ def run(args):
         print(f"masks: {out / 'masks'} (official score: isic-challenge-scoring segmentation "
               f"TRUTH_DIR {out / 'masks'}); {out / 'per_image.csv'}; {out / 'summary.json'}")
     else:
-        out = Path(args.out or PREDICTION_DIR)
+        out = outputs or beside / "predictions"
         if args.image:
             items = image_files(args.image)
             if not items:
@@ -496,8 +481,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (UsageError, train_model.CheckpointError, train_model.SettingError,
-            load_dataset.SplitMismatch) as exc:
+    except (UsageError, CheckpointError, SettingError, load_dataset.SplitMismatch) as exc:
         sys.exit(f"error: {exc}")
     except torch.cuda.OutOfMemoryError:
         sys.exit(f"error: the GPU ran out of memory at BATCH_SIZE={args.batch_size}: lower it "
