@@ -471,7 +471,7 @@ def _read_split(split_file, train, missing):
 # ---------------------------------------------------------------------------- Dataset
 
 class SegmentationDataset(Dataset):
-    """Per pair: (image float32 3xHxW normalised, mask float32 1xHxW 0/1, index i), and with
+    """Per pair: (image float32 3xHxW normalised, mask float32 1xHxW 0/1, id), and with
     `truth` also the true mask at its own size, as packed bits, and its (h, w).
 
     Indices come from EpochSampler as (epoch, i): each sample's augmentation is seeded from
@@ -480,7 +480,7 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, pairs, settings, augment=False, cache=None, seed=0, truth=False):
         self.pairs = list(pairs)
-        self.settings = settings
+        self.settings = settings = preprocess.as_settings(settings)
         self.cache, self.seed, self.truth = cache, seed, truth
         self.augment = preprocess.train_augment(settings.size_hw) if augment else None
 
@@ -518,7 +518,7 @@ class SegmentationDataset(Dataset):
             out = self.augment(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         item = (preprocess.to_tensor(image, self.settings.mean, self.settings.std),
-                preprocess.mask_to_tensor(mask), i)
+                preprocess.mask_to_tensor(mask), pair.id)
         return item + truth if truth is not None else item
 
 
@@ -551,7 +551,7 @@ class EpochSampler(Sampler):
 
 
 def collate_skip_none(batch):
-    """[images, masks, indices] (and [(truth bits, (h, w))] when present) without the items
+    """[images, masks, ids] (and [(truth bits, (h, w))] when present) without the items
     that failed to load; None when none is left."""
     batch = [item for item in batch if item is not None]
     if not batch:

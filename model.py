@@ -214,8 +214,8 @@ def input_settings(ckpt):
 
 def save_checkpoint(obj, path):
     """torch.save through preprocess.atomic_write: a crash never leaves a half-written file."""
-    with preprocess.atomic_write(path, durable=True) as tmp:
-        torch.save(obj, tmp)
+    with preprocess.atomic_write(path, durable=True) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 # what a file that torch.save did not write usually is, by its first bytes

@@ -59,7 +59,8 @@ def atomic_write(path, durable=False):
     A crash or Ctrl-C leaves the previous file intact and no half-written one under its name.
     `durable` also flushes the bytes and the rename to disk (checkpoints)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    # checkpoints have one writer; a cache entry may be built by two loader workers at once
+    tmp = path.with_name(f"{path.name}.tmp" if durable else f"{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         if durable:
@@ -300,8 +301,14 @@ def mask_to_tensor(mask):
     return torch.from_numpy(mask.astype(np.float32)[None])
 
 
+def as_settings(settings):
+    """InputSettings from itself or from a bare (height, width) with the default rest."""
+    return settings if isinstance(settings, InputSettings) else InputSettings(tuple(settings))
+
+
 def eval_input(path, settings, exif=True):
     """Inference input: (1, 3, H, W) tensor at network size and the (h, w) of the image read."""
+    settings = as_settings(settings)
     image = read_image(path, min_hw=settings.size_hw, exif=exif)
     # a reduced-scale JPEG decode is smaller than the file: its size comes from the header
     info = image_info(path)
@@ -451,5 +458,5 @@ class PreprocessCache:
 
 def _save_npy(entry, array):
     entry.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(entry) as tmp:  # two loader workers may build one entry: both whole
-        np.save(tmp, array)
+    with atomic_write(entry) as tmp, open(tmp, "wb") as f:  # np.save would add ".npy" to a name
+        np.save(f, array)

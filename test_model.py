@@ -91,7 +91,7 @@ def to_png_mask(pred):
 def write_mask(mask, path):
     """0/255 mask as an 8-bit grayscale (mode L) PNG, the format the ISIC scorer reads."""
     with preprocess.atomic_write(path) as tmp:
-        Image.fromarray(mask).save(tmp, compress_level=1)  # a 24 MP mask: fast beats small
+        Image.fromarray(mask).save(tmp, format="PNG", compress_level=1)  # a 24 MP mask: fast beats small
 
 
 def image_files(paths):
@@ -188,7 +188,7 @@ def save_overlay(image_path, prob, pred, truth, path, title, exif=True):
     fig.suptitle(title)
     fig.tight_layout()
     with preprocess.atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=90)
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
 
 
@@ -255,14 +255,15 @@ def split_probabilities(model, ckpt, pairs, device, batch_size, workers, desc):
     loader = load_dataset.make_loader(pairs, model_lib.input_settings(ckpt), batch_size,
                                       workers=workers, truth=True,
                                       pin_memory=device.type == "cuda")
+    by_id = {pair.id: pair for pair in pairs}
     with tqdm(total=len(pairs), desc=desc, unit="image") as bar:
         for batch in loader:
             if batch is None:
                 continue
-            images, _, indices, truths = batch
-            for prob, i, (bits, hw) in zip(predict_batch(model, images, device),
-                                           indices.tolist(), truths):
-                yield pairs[i], prob, preprocess.unpack_truth(bits, hw)
+            images, _, ids, truths = batch
+            for prob, pair_id, (bits, hw) in zip(predict_batch(model, images, device), ids,
+                                                 truths):
+                yield by_id[pair_id], prob, preprocess.unpack_truth(bits, hw)
                 bar.update()
 
 
@@ -392,7 +393,7 @@ def plot_analysis(hist, edges, curve, best, path, title):
     fig.suptitle(title)
     fig.tight_layout()
     with preprocess.atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=90)
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
 
 

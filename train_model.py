@@ -202,7 +202,7 @@ def plot_curves(rows, iter_log, path, title):
     fig.suptitle(title)
     fig.tight_layout()
     with preprocess.atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=90)
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
 
 

@@ -92,9 +92,10 @@ def test_entry_is_rebuilt_when_the_mask_file_changes(pair, tmp_path):
 def test_a_changed_setting_gives_its_own_entry_of_the_right_shape(pair, tmp_path):
     square = PreprocessCache(tmp_path / ".cache", (64, 64))
     tall = PreprocessCache(tmp_path / ".cache", (96, 64))
-    shallow = PreprocessCache(tmp_path / ".cache", (64, 64), depth=4)
-    entries = {c.path_for(pair.image, pair.mask) for c in (square, tall, shallow)}
-    assert len(entries) == 3
+    linear = PreprocessCache(tmp_path / ".cache", (64, 64), interpolation="linear")
+    entries = {c.path_for(pair.image, pair.mask) for c in (square, tall, linear)}
+    entries.add(square.path_for(pair.image, pair.mask, exif=False))
+    assert len(entries) == 4
 
     square_image, square_mask = square.load(pair.image, pair.mask)
     tall_image, tall_mask = tall.load(pair.image, pair.mask)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import demo_data
 import load_dataset
 from load_dataset import Pair, SegmentationDataset, SplitMismatch, scan, split_pairs
 
@@ -232,7 +233,7 @@ def test_second_scan_reuses_the_check_cache_and_rechecks_changed_files(tmp_path,
     root = tmp_path / "data"
     write_isic(root, IN18.format("Training"), GT18.format("Training"), isic_ids(1, 2, 3))
     first = scan(root)
-    assert (root / "scan_cache.json").exists()
+    assert load_dataset.scan_memo(root).exists()
 
     def must_not_decode(task):
         raise AssertionError(f"{task} decoded again")
@@ -357,7 +358,7 @@ def test_combined_2017_and_2018_are_deduplicated_without_test_leaking_into_train
 def test_demo_tree_inside_real_data_is_left_out(tmp_path):
     root = tmp_path / "data"
     write_isic(root, IN18.format("Training"), GT18.format("Training"), isic_ids(1, 2))
-    load_dataset.make_demo(root / "demo", count=2, seed=0)
+    demo_data.make_demo(root / "demo", count=2, seed=0)
     found = scan(root)
     assert [p.id for p in found.splits["train"]] == isic_ids(1, 2)
     assert "generated demo data" in reasons(found.skipped)[root / "demo"]
@@ -365,7 +366,7 @@ def test_demo_tree_inside_real_data_is_left_out(tmp_path):
 
 
 def test_demo_tree_alone_below_data_is_not_taken_for_real_data(tmp_path):
-    load_dataset.make_demo(tmp_path / "data" / "demo", count=2, seed=0)
+    demo_data.make_demo(tmp_path / "data" / "demo", count=2, seed=0)
     found = scan(tmp_path / "data")
     assert found.pair_count() == 0
     assert "generated demo data" in reasons(found.skipped)[tmp_path / "data" / "demo"]
@@ -473,36 +474,44 @@ def test_dataset_yields_normalised_float_tensors_and_binary_masks(square_pair):
     assert dark_fraction_iou(image, mask) > 0.95
 
 
-def test_augmented_mask_still_lines_up_and_follows_the_seed(square_pair):
-    dataset = SegmentationDataset([square_pair], (64, 64), augment=True)
+def test_augmented_mask_still_lines_up_and_follows_epoch_and_index(square_pair):
+    dataset = SegmentationDataset([square_pair], (64, 64), augment=True, seed=1)
     masks = []
-    for seed in range(6):
-        dataset.set_epoch_seed(seed)
-        image, mask, _ = dataset[0]
+    for epoch in range(6):
+        image, mask, _ = dataset[(epoch, 0)]
         assert set(mask.unique().tolist()) <= {0.0, 1.0}
-        assert dark_fraction_iou(image, mask) > 0.85, f"seed {seed}"
+        assert dark_fraction_iou(image, mask) > 0.85, f"epoch {epoch}"
         masks.append(mask)
     assert any(not torch.equal(masks[0], m) for m in masks[1:])  # augmentation does something
-    dataset.set_epoch_seed(3)
-    assert torch.equal(dataset[0][1], masks[3])  # and the same seed repeats it
+    dataset[(5, 0)]  # whatever came before, (epoch, index) alone decides
+    assert torch.equal(dataset[(3, 0)][1], masks[3])
 
 
-def test_worker_augmentation_is_reproducible_with_a_seeded_loader(square_pair):
-    dataset = SegmentationDataset([square_pair] * 4, (64, 64), augment=True)
+def test_persistent_workers_give_each_epoch_what_a_fresh_loader_gives(square_pair):
+    """A resumed run starts fresh workers at epoch 3; a straight run's workers have lived
+    through epochs 1 and 2. Both must load the same epoch 3."""
+    pairs = [square_pair] * 6
 
-    def one_epoch():
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=4, num_workers=2, worker_init_fn=load_dataset.seed_worker,
-            generator=torch.Generator().manual_seed(7), collate_fn=load_dataset.collate_skip_none)
-        return next(iter(loader))[1]
-    first, second = one_epoch(), one_epoch()
-    assert torch.equal(first, second)
-    assert not all(torch.equal(first[0], m) for m in first[1:])  # items differ within the batch
+    def loader():
+        return load_dataset.make_loader(pairs, (64, 64), batch_size=3, workers=2, train=True,
+                                        seed=7)
+    straight = loader()
+    epochs = []
+    for epoch in (1, 2, 3):
+        straight.sampler.set_epoch(epoch)
+        epochs.append([batch[1] for batch in straight])
+    fresh = loader()
+    fresh.sampler.set_epoch(3)
+    resumed = [batch[1] for batch in fresh]
+    assert all(torch.equal(a, b) for a, b in zip(epochs[2], resumed))
+    assert not all(torch.equal(a, b) for a, b in zip(epochs[1], epochs[2]))  # epochs differ
+    first = epochs[0][0]
+    assert not all(torch.equal(first[0], m) for m in first[1:])  # items differ within a batch
 
 
 def test_cached_and_uncached_loading_agree(square_pair, tmp_path):
     from preprocess import PreprocessCache
-    cache = PreprocessCache(tmp_path / ".cache", (64, 64), 5)
+    cache = PreprocessCache(tmp_path / ".cache", (64, 64))
     plain = SegmentationDataset([square_pair], (64, 64))[0]
     cached = SegmentationDataset([square_pair], (64, 64), cache=cache)[0]
     assert torch.equal(plain[1], cached[1]) and torch.allclose(plain[0], cached[0])
@@ -546,13 +555,13 @@ def read_demo(root):
 
 
 def test_demo_is_deterministic_and_in_the_2018_layout(tmp_path):
-    first = load_dataset.make_demo(tmp_path / "one", count=5, seed=1)
-    second = load_dataset.make_demo(tmp_path / "two", count=5, seed=1)
+    first = demo_data.make_demo(tmp_path / "one", count=5, seed=1)
+    second = demo_data.make_demo(tmp_path / "two", count=5, seed=1)
     pairs_one, pairs_two = read_demo(first), read_demo(second)
     assert len(pairs_one) == 5
     for (i1, m1), (i2, m2) in zip(pairs_one, pairs_two):
         assert i1.read_bytes() == i2.read_bytes() and m1.read_bytes() == m2.read_bytes()
-    other = read_demo(load_dataset.make_demo(tmp_path / "three", count=5, seed=2))
+    other = read_demo(demo_data.make_demo(tmp_path / "three", count=5, seed=2))
     assert other[0][0].read_bytes() != pairs_one[0][0].read_bytes()
     found = scan(first)
     assert found.layout == "ISIC 2018 Task 1" and len(found.splits["train"]) == 5
@@ -560,7 +569,7 @@ def test_demo_is_deterministic_and_in_the_2018_layout(tmp_path):
 
 
 def test_demo_masks_are_single_channel_0_255_and_lesions_vary_in_size(tmp_path):
-    root = load_dataset.make_demo(tmp_path / "demo", count=30, seed=0)
+    root = demo_data.make_demo(tmp_path / "demo", count=30, seed=0)
     fractions, widths, touching = [], [], 0
     for image_path, mask_path in read_demo(root):
         image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
@@ -579,7 +588,7 @@ def test_demo_masks_are_single_channel_0_255_and_lesions_vary_in_size(tmp_path):
 
 
 def test_demo_lesion_is_darker_than_the_skin_around_it(tmp_path):
-    root = load_dataset.make_demo(tmp_path / "demo", count=8, seed=0)
+    root = demo_data.make_demo(tmp_path / "demo", count=8, seed=0)
     for image_path, mask_path in read_demo(root):
         gray = cv2.imread(str(image_path), cv2.IMREAD_GRAYSCALE).astype(np.float32)
         lesion = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED) > 0

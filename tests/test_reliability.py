@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 import torch
 
+import demo_data
+import model as model_lib
 import load_dataset
 import preprocess
 import train_model
@@ -34,7 +36,7 @@ TINY = ["--encoder", "resnet18", "--encoder-weights", "none", "--image-size", "6
         "--batch-size", "4", "--workers", "0", "--device", "cpu", "--quiet"]
 IMAGES = "ISIC2018_Task1-2_Training_Input"
 MASKS = "ISIC2018_Task1_Training_GroundTruth"
-REAL_MAKE_LOSS = train_model.make_loss
+REAL_MAKE_LOSS = model_lib.make_loss
 SETTINGS = {"encoder": "resnet18", "encoder_depth": 5, "image_size": (64, 64), "threshold": 0.5,
             "demo": False, "data": "d", "split_file": "s"}
 
@@ -55,7 +57,7 @@ def one_thread():
 def demo_tree(tmp_path_factory):
     """14 generated pairs: 1 test, 1 valid, 12 train (3 full batches of 4, none dropped)."""
     root = tmp_path_factory.mktemp("demo")
-    load_dataset.make_demo(root, count=14, seed=5)
+    demo_data.make_demo(root, count=14, seed=5)
     return root
 
 
@@ -107,8 +109,8 @@ def fingerprint(path):
 
 def loads_as_model(path):
     """The checkpoint loads with weights_only=True and rebuilds a working model."""
-    ckpt = train_model.load_checkpoint(path)
-    model = train_model.model_from_checkpoint(ckpt, path).eval()
+    ckpt = model_lib.load_checkpoint(path)
+    model = model_lib.model_from_checkpoint(ckpt, path).eval()
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
     return ckpt
@@ -127,8 +129,8 @@ def bomb_png(width=50_000, height=50_000):
 
 def saved_record(encoder="resnet18", depth=5, **changes):
     torch.manual_seed(0)
-    model = train_model.build_model(encoder, None, depth)
-    record = train_model.model_record(model, {**SETTINGS, "encoder": encoder,
+    model = model_lib.build_model(encoder, None, depth)
+    record = model_lib.checkpoint_record(model, {**SETTINGS, "encoder": encoder,
                                               "encoder_depth": depth}, 1, 0.5)
     record.update(changes)
     return record
@@ -137,7 +139,7 @@ def saved_record(encoder="resnet18", depth=5, **changes):
 @pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
-    train_model.save_atomic(saved_record(), path)
+    model_lib.save_checkpoint(saved_record(), path)
     return path
 
 
@@ -333,7 +335,7 @@ def kill_during_a_write(tmp_path, data, out, targets):
     for attempt in range(3):
         for t in (out / "resnet18.pth.tmp", out / "resnet18_last.pth.tmp"):
             t.unlink(missing_ok=True)  # a kill's leftover is harmless; the poll needs a new one
-        resumed_from = train_model.load_checkpoint(last)["epoch"]
+        resumed_from = model_lib.load_checkpoint(last)["epoch"]
         run = Process(tmp_path, data, out, "--resume")
         run.wait_line(rf"resuming after epoch {resumed_from} ")
         deadline, writing = time.monotonic() + 240, None
@@ -350,7 +352,7 @@ def kill_during_a_write(tmp_path, data, out, targets):
 
 def check_after_kill(out, resumed_from):
     """The best model loads; the resume state is the last complete epoch or the one before."""
-    saved = train_model.load_checkpoint(out / "resnet18_last.pth")
+    saved = model_lib.load_checkpoint(out / "resnet18_last.pth")
     assert saved["epoch"] in (resumed_from, resumed_from + 1)
     rows = read_log(out)
     assert len(rows) == saved["epoch"]  # the log is written after the resume state
@@ -372,7 +374,7 @@ def test_sigkill_between_epochs_and_mid_checkpoint_then_resume_completes(demo_tr
     run.wait_line(epoch_row(1))
     run.kill()
     assert loads_as_model(best)["epoch"] == 1
-    assert train_model.load_checkpoint(last)["epoch"] == 1
+    assert model_lib.load_checkpoint(last)["epoch"] == 1
     assert len(read_log(out)) == 1
 
     # killed in the middle of a checkpoint write: the first seen (in practice the best model's),
@@ -387,7 +389,7 @@ def test_sigkill_between_epochs_and_mid_checkpoint_then_resume_completes(demo_tr
     rows = read_log(out)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert {float(r["lr"]) for r in rows} == {1e-4}
-    assert train_model.load_checkpoint(last)["epoch"] == 3
+    assert model_lib.load_checkpoint(last)["epoch"] == 3
     ious = [float(r["valid_iou"]) for r in rows]
     assert loads_as_model(best)["valid_iou"] == pytest.approx(max(ious), abs=1e-6)
 
@@ -437,7 +439,7 @@ def test_ctrl_c_during_a_checkpoint_write_leaves_no_half_file(good_checkpoint, t
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        train_model.save_atomic({"x": 1}, path)
+        model_lib.save_checkpoint({"x": 1}, path)
     assert fingerprint(path) == before and not list(tmp_path.glob("*.tmp"))
 
 
@@ -480,7 +482,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_best_is_untouched(trained, tmp
     data, out = fresh_trained(trained, tmp_path)
     best, last = out / "resnet18.pth", out / "resnet18_last.pth"
     before = fingerprint(best), fingerprint(last)
-    monkeypatch.setattr(train_model, "make_loss", lambda: _loss_turning("nan", at_call=2))
+    monkeypatch.setattr(model_lib, "make_loss", lambda *_: _loss_turning("nan", at_call=2))
     message = stopped(data, out, "--epochs", "2", "--resume")
     assert "loss became nan at epoch 2, step 2" in message
     assert "the best checkpoint is untouched" in message
@@ -491,7 +493,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_best_is_untouched(trained, tmp
 def test_inf_loss_at_the_first_step_stops_before_anything_is_saved(demo_tree, tmp_path,
                                                                    monkeypatch):
     data, out = fresh(demo_tree, tmp_path), tmp_path / "Model"
-    monkeypatch.setattr(train_model, "make_loss", lambda: _loss_turning("inf", at_call=1))
+    monkeypatch.setattr(model_lib, "make_loss", lambda *_: _loss_turning("inf", at_call=1))
     message = stopped(data, out, "--epochs", "2")
     assert "loss became inf at epoch 1, step 1" in message
     assert not list(out.glob("*.pth*"))
@@ -502,7 +504,7 @@ def test_nan_validation_is_never_the_best_and_a_nan_model_stops_the_run(trained,
     data, out = fresh_trained(trained, tmp_path)
     best, last = out / "resnet18.pth", out / "resnet18_last.pth"
     before = fingerprint(best)
-    real, epochs = train_model.evaluate, []
+    real, epochs = train_model.validate, []
 
     def planted_evaluate(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -512,11 +514,11 @@ def test_nan_validation_is_never_the_best_and_a_nan_model_stops_the_run(trained,
         else:  # epoch 3: the model gives NaN
             result.update(loss=float("nan"), iou=float("nan"))
         return result
-    monkeypatch.setattr(train_model, "evaluate", planted_evaluate)
+    monkeypatch.setattr(train_model, "validate", planted_evaluate)
     message = stopped(data, out, "--epochs", "3", "--resume")
     assert "validation loss became nan" in message and "at epoch 3" in message
     assert fingerprint(best) == before and loads_as_model(best)["epoch"] == 1
-    assert train_model.load_checkpoint(last)["epoch"] == 2  # epoch 3 saved nothing
+    assert model_lib.load_checkpoint(last)["epoch"] == 2  # epoch 3 saved nothing
     rows = read_log(out)
     assert [r["epoch"] for r in rows] == ["1", "2"] and rows[1]["valid_iou"] == "nan"
 
@@ -578,7 +580,7 @@ def test_full_disk_at_the_rename_keeps_the_old_file(good_checkpoint, tmp_path, m
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "replace", no_space)
     with pytest.raises(OSError, match=f"could not write {path}: No space left on device"):
-        train_model.save_atomic(saved_record(), path)
+        model_lib.save_checkpoint(saved_record(), path)
     assert fingerprint(path) == before and not list(tmp_path.glob("*.tmp"))
 
 
@@ -601,7 +603,7 @@ def test_low_free_disk_space_is_warned_in_one_line(tmp_path, capsys, monkeypatch
 ])
 def test_gpu_out_of_memory_names_the_constants_to_lower(demo_tree, tmp_path, monkeypatch, error):
     data, out = fresh(demo_tree, tmp_path), tmp_path / "Model"
-    real = train_model.build_model
+    real = model_lib.build_model
 
     def build_model_that_runs_out(*args, **kwargs):
         model = real(*args, **kwargs)
@@ -610,7 +612,7 @@ def test_gpu_out_of_memory_names_the_constants_to_lower(demo_tree, tmp_path, mon
             raise error
         model.forward = forward
         return model
-    monkeypatch.setattr(train_model, "build_model", build_model_that_runs_out)
+    monkeypatch.setattr(model_lib, "build_model", build_model_that_runs_out)
     message = stopped(data, out, "--epochs", "1", "--batch-size", "4")
     assert "out of memory at BATCH_SIZE=4, IMAGE_SIZE=(64, 64)" in message
     assert "lower BATCH_SIZE (--batch-size) or IMAGE_SIZE (--image-size)" in message
@@ -641,8 +643,8 @@ def test_pickled_code_in_a_checkpoint_is_refused_without_running(good_checkpoint
     record = torch.load(good_checkpoint, weights_only=True)
     record["extra"] = Planted(marker)
     torch.save(record, path)
-    with pytest.raises(train_model.CheckpointError, match="pickled Python objects"):
-        train_model.load_checkpoint(path)
+    with pytest.raises(model_lib.CheckpointError, match="pickled Python objects"):
+        model_lib.load_checkpoint(path)
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the plant is real: a plain load runs its code
     assert marker.read_text() == "code ran"
@@ -662,8 +664,8 @@ def test_files_of_other_programs_and_truncated_checkpoints_are_refused(good_chec
     for name, (content, expected) in files.items():
         path = tmp_path / name
         path.write_bytes(content)
-        with pytest.raises(train_model.CheckpointError) as refused:
-            train_model.load_checkpoint(path)
+        with pytest.raises(model_lib.CheckpointError) as refused:
+            model_lib.load_checkpoint(path)
         message = str(refused.value)
         assert message.startswith(f"{path} is not a readable checkpoint") and expected in message
         assert "\n" not in message and "weights_only" not in message
@@ -671,35 +673,35 @@ def test_files_of_other_programs_and_truncated_checkpoints_are_refused(good_chec
 
 def test_whole_model_pickle_and_foreign_dicts_are_refused(tmp_path):
     torch.manual_seed(0)
-    model = train_model.build_model("resnet18", None, 5)
+    model = model_lib.build_model("resnet18", None, 5)
     whole = tmp_path / "whole.pth"
     torch.save(model, whole)  # what the paper's code did
-    with pytest.raises(train_model.CheckpointError, match="torch.save\\(model\\)"):
-        train_model.load_checkpoint(whole)
+    with pytest.raises(model_lib.CheckpointError, match="torch.save\\(model\\)"):
+        model_lib.load_checkpoint(whole)
     foreign = tmp_path / "foreign.pth"
     torch.save({"state_dict": model.state_dict(), "epoch": 3}, foreign)  # another trainer's
-    with pytest.raises(train_model.CheckpointError, match="not written by train_model.py"):
-        train_model.load_checkpoint(foreign)
+    with pytest.raises(model_lib.CheckpointError, match="not written by train_model.py"):
+        model_lib.load_checkpoint(foreign)
     newer = tmp_path / "newer.pth"
-    torch.save({"format": train_model.CHECKPOINT_FORMAT, "version": 99}, newer)
-    with pytest.raises(train_model.CheckpointError, match="version 99"):
-        train_model.load_checkpoint(newer)
+    torch.save({"format": model_lib.CHECKPOINT_FORMAT, "version": 99}, newer)
+    with pytest.raises(model_lib.CheckpointError, match="version 99"):
+        model_lib.load_checkpoint(newer)
 
 
 def test_checkpoint_for_another_encoder_or_size(good_checkpoint, tmp_path):
-    ckpt = train_model.load_checkpoint(good_checkpoint)
+    ckpt = model_lib.load_checkpoint(good_checkpoint)
     # weights that do not fit the encoder they are recorded with
     for encoder in ("resnet34", "no_such_encoder"):
-        with pytest.raises(train_model.CheckpointError,
+        with pytest.raises(model_lib.CheckpointError,
                            match=f"does not fit its recorded model \\(encoder '{encoder}'\\)"):
-            train_model.model_from_checkpoint({**ckpt, "encoder": encoder}, "x.pth")
-    with pytest.raises(train_model.CheckpointError, match="does not fit"):
-        train_model.model_from_checkpoint({**ckpt, "encoder_depth": 4}, "x.pth")
+            model_lib.model_from_checkpoint({**ckpt, "encoder": encoder}, "x.pth")
+    with pytest.raises(model_lib.CheckpointError, match="does not fit"):
+        model_lib.model_from_checkpoint({**ckpt, "encoder_depth": 4}, "x.pth")
     # a true checkpoint of another encoder and size: the recorded settings rebuild its model
     path = tmp_path / "resnet34.pth"
-    train_model.save_atomic(saved_record("resnet34", image_size=[96, 128]), path)
-    other = train_model.load_checkpoint(path)
-    model = train_model.model_from_checkpoint(other, path)
+    model_lib.save_checkpoint(saved_record("resnet34", image_size=[96, 128]), path)
+    other = model_lib.load_checkpoint(path)
+    model = model_lib.model_from_checkpoint(other, path)
     assert other["image_size"] == [96, 128]
     assert sum(p.numel() for p in model.encoder.parameters()) > 20_000_000  # resnet34, not 18
 

@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+import demo_data
+import model as model_lib
 import load_dataset
 import metrics
 import test_model
@@ -33,7 +35,7 @@ SCORER_KEYS = {"iou": "jaccard", "dice": "dice", "threshold_jaccard": "threshold
 def demo(tmp_path_factory):
     """40 generated pairs of varied sizes, split as train_model.py would draw and save it."""
     root = tmp_path_factory.mktemp("data")
-    load_dataset.make_demo(root, 40, 0)
+    demo_data.make_demo(root, 40, 0)
     split_file = load_dataset.work_dir(root) / "split.json"
     splits = load_dataset.split_pairs(load_dataset.scan(root), seed=42, valid_fraction=0.1,
                                       test_fraction=0.1, split_file=split_file)
@@ -45,7 +47,7 @@ def write_checkpoint(path, root, split_file, demo_flag, calibrate_on=()):
     """A checkpoint of an untrained resnet18 FPN; with calibrate_on, the output bias is shifted so
     that half the pixels of those images are lesion (a mask with both values, not a blank one)."""
     torch.manual_seed(0)
-    model = train_model.build_model("resnet18", None, 5).eval()
+    model = model_lib.build_model("resnet18", None, 5).eval()
     if calibrate_on:
         import preprocess
         batch = torch.cat([preprocess.eval_input(p, NET_SIZE)[0] for p in calibrate_on])
@@ -55,7 +57,7 @@ def write_checkpoint(path, root, split_file, demo_flag, calibrate_on=()):
     settings = {"encoder": "resnet18", "encoder_depth": 5, "image_size": NET_SIZE,
                 "threshold": 0.5, "demo": demo_flag, "data": str(root),
                 "split_file": str(split_file)}
-    train_model.save_atomic(train_model.model_record(model, settings, 1, 0.5), path)
+    model_lib.save_checkpoint(model_lib.checkpoint_record(model, settings, 1, 0.5), path)
     return path
 
 
@@ -163,7 +165,7 @@ def test_default_run_segments_a_random_test_image(tmp_path, demo, ckpt, capsys):
 
 def test_predict_gives_probabilities_at_the_original_size(demo, ckpt):
     _, _, splits = demo
-    model, record = test_model.load_model(ckpt, torch.device("cpu"))
+    model, record = model_lib.load_model(ckpt, torch.device("cpu"))
     assert not model.training and record["demo"] is True
     image = splits["test"][0].image
     prob = test_model.predict(model, record, image, torch.device("cpu"))
@@ -216,7 +218,7 @@ def test_evaluate_means_equal_the_official_scorer(tmp_path, demo, ckpt, capsys, 
 
 def test_evaluate_refuses_an_empty_test_split(tmp_path, capsys):
     root = tmp_path / "two"
-    load_dataset.make_demo(root, 2, 0)  # too few pairs to draw a test split from
+    demo_data.make_demo(root, 2, 0)  # too few pairs to draw a test split from
     path = write_checkpoint(tmp_path / "m.pth", root, load_dataset.work_dir(root) / "split.json",
                             True)
     with pytest.raises(SystemExit) as exc:
@@ -282,7 +284,9 @@ def test_threshold_out_of_range_is_refused(tmp_path, plain_ckpt, value):
 def test_checkpoint_that_is_not_there_is_named(tmp_path):
     with pytest.raises(SystemExit) as exc:
         test_model.main(["--checkpoint", str(tmp_path / "gone.pth"), "--image", str(tmp_path)])
-    assert str(exc.value.code) == f"error: no checkpoint at {tmp_path / 'gone.pth'}"
+    message = str(exc.value.code)
+    assert message.startswith(f"error: no checkpoint at {tmp_path / 'gone.pth'}: ")
+    assert "python train_model.py" in message  # and what to do next
 
 
 def test_no_checkpoint_in_model_dir_says_how_to_train(tmp_path):

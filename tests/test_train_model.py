@@ -5,6 +5,8 @@ import shutil
 import pytest
 import torch
 
+from demo_data import make_demo
+import model as model_lib
 import load_dataset
 import train_model
 
@@ -15,7 +17,7 @@ TINY = ["--encoder", "resnet18", "--encoder-weights", "none", "--image-size", "6
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    load_dataset.make_demo(root, count=20, seed=3)
+    make_demo(root, count=20, seed=3)
     return root
 
 
@@ -60,8 +62,8 @@ def test_best_checkpoint_is_the_best_epoch_and_reloads_identically(demo_data, tm
     # the resume state of the last epoch holds the trained model: the best checkpoint of a
     # one-epoch run must rebuild a model with exactly its outputs
     last = torch.load(out / "resnet18_last.pth", weights_only=True)
-    trained = train_model.model_from_checkpoint(last).eval()
-    reloaded = train_model.model_from_checkpoint(best).eval()
+    trained = model_lib.model_from_checkpoint(last).eval()
+    reloaded = model_lib.model_from_checkpoint(best).eval()
     if best["epoch"] == 3:
         x = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
@@ -71,14 +73,14 @@ def test_best_checkpoint_is_the_best_epoch_and_reloads_identically(demo_data, tm
 
 @pytest.mark.parametrize("depth, size", [(3, (40, 56)), (4, (48, 80)), (5, (64, 96))])
 def test_model_output_has_the_input_size_at_every_depth(depth, size):
-    model = train_model.build_model("resnet18", None, depth).eval()
+    model = model_lib.build_model("resnet18", None, depth).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, *size)).shape == (1, 1, *size)
 
 
 def test_best_checkpoint_round_trip_gives_same_outputs(tmp_path):
     torch.manual_seed(0)
-    model = train_model.build_model("resnet18", None, 5)
+    model = model_lib.build_model("resnet18", None, 5)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(2, 3, 64, 64)
     loss = torch.sigmoid(model(x)).mean()
@@ -87,9 +89,9 @@ def test_best_checkpoint_round_trip_gives_same_outputs(tmp_path):
     settings = {"encoder": "resnet18", "encoder_depth": 5, "image_size": (64, 64),
                 "threshold": 0.5, "demo": False, "data": "d", "split_file": "s"}
     path = tmp_path / "m.pth"
-    train_model.save_atomic(train_model.model_record(model, settings, 1, 0.5), path)
+    model_lib.save_checkpoint(model_lib.checkpoint_record(model, settings, 1, 0.5), path)
     ckpt = torch.load(path, weights_only=True)
-    rebuilt = train_model.model_from_checkpoint(ckpt).eval()
+    rebuilt = model_lib.model_from_checkpoint(ckpt).eval()
     with torch.no_grad():
         assert torch.equal(model.eval()(x), rebuilt(x))
 
