@@ -570,10 +570,13 @@ def make_loader(pairs, settings, batch_size, workers=0, cache=None, train=False,
     dataset = SegmentationDataset(pairs, settings, augment=train, cache=cache, seed=seed,
                                   truth=truth)
     sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world)
+    # a generator of its own: starting workers draws a seed from it, and drawing from the
+    # global one would shift the model's dropout in the first epoch a loader is used
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       drop_last=train and len(sampler) > batch_size, num_workers=workers,
                       pin_memory=pin_memory, collate_fn=collate_skip_none,
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------------------- command line

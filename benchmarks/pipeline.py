@@ -1,20 +1,24 @@
 """Does the data pipeline keep up with the model? One run, figures measured side by side.
 
-    python benchmarks/pipeline.py            # about 3.5 minutes on a quiet 2-core CPU
-    python benchmarks/pipeline.py --quick    # about 1.2 minutes: fewer images, steps, rounds
+    python benchmarks/pipeline.py            # about 4 minutes on a quiet 2-core CPU
+    python benchmarks/pipeline.py --quick    # about 1.5 minutes: fewer images, steps, rounds
 
 On generated JPEGs of ISIC sizes (written to a temporary folder, removed afterwards) it measures:
 
 - loader images/s with no cache (decode and resize every time), the first pass (which builds
-  the cache) and from the cache, through train_model.make_loaders with its default workers;
+  the cache) and from the cache, through load_dataset.make_loader as training builds it;
 - training images/s of the model alone (batches already in memory) and of the full pipeline
-  (cached loader + workers + augmentation + the same train_model.train_one_epoch);
+  (cached loader + workers + augmentation + the same training step);
+- validation images/s at network size (forward + loss + batch_confusion, as validation ran
+  before) and at each image's original size (train_model.validate's loop), and their ratio;
 - `test_model.py --image` on a 6000x4000 JPEG, split into read, preprocess, model and write;
 - peak memory of one training epoch at 200 and at 2000 images (each in a fresh process).
 
-The last line is one JSON object (cache_speedup, pipeline_share, memory_growth, ...) so the
-figures can be tracked from run to run. The machine may be shared: the output says how much
-CPU other processes took during the run, and speed ratios come from alternating rounds.
+Benchmarks do not import train_model.py: they use its pieces (model, load_dataset, preprocess,
+metrics) and copy its defaults below. The last line is one JSON object (cache_speedup,
+pipeline_share, valid_original_over_network, memory_growth, ...) so the figures can be tracked
+from run to run. The machine may be shared: the output says how much CPU other processes took
+during the run, and speed ratios come from alternating rounds.
 """
 import argparse
 import itertools
@@ -38,8 +42,24 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import load_dataset  # noqa: E402
+import metrics  # noqa: E402
+import model as model_lib  # noqa: E402
 import preprocess  # noqa: E402
-import train_model  # noqa: E402
+
+# Training defaults, as in train_model.py (not imported: a benchmark must not depend on it)
+ENCODER = "se_resnext50_32x4d"
+ENCODER_DEPTH = 5
+IMAGE_SIZE = (320, 320)
+BATCH_SIZE = 8
+WORKERS = min(8, max(1, (os.cpu_count() or 1) - 1))
+SEED = 42
+LR = 1e-4
+THRESHOLD = 0.5
+MIXED_PRECISION = True
+CHANNELS_LAST = True
+CUDNN_BENCHMARK = True
+
+CPU = torch.device("cpu")
 
 # One cycle of 20 source images, an ISIC-2018-like spread: mostly 1024x768 to 3008x2000 with
 # some very large camera images (ISIC 2018 Task 1 ranges from about 600 px to over 6000 px wide).
@@ -89,33 +109,91 @@ def write_set(root, sizes, seed):
     return pairs, total_bytes
 
 
-def loader_args(root, size, batch, cache, workers):
-    """The subset of train_model's arguments that make_loaders reads."""
-    return argparse.Namespace(data=str(root), image_size=tuple(size), encoder_depth=5,
-                              batch_size=batch, workers=workers, seed=train_model.SEED,
-                              cache=cache)
 
 
-def make_train_loader(pairs, root, size, batch, cache, workers, device=torch.device("cpu")):
-    """The training loader exactly as train_model.main builds it (augmentation included)."""
-    splits = {"train": pairs, "valid": pairs[:batch]}
-    args = loader_args(root, size, batch, cache, workers)
-    return train_model.make_loaders(splits, args, device)[0]
+# ----------------------------------------------------------------------------- loaders
+
+def train_cache(root, size):
+    """The preprocessed cache of a data folder, where train_model puts it."""
+    return preprocess.PreprocessCache(load_dataset.cache_dir_for(root), tuple(size))
+
+
+def make_train_loader(pairs, root, size, batch, cache, workers, device=CPU):
+    """The training loader as train_model builds it (augmentation included)."""
+    return load_dataset.make_loader(pairs, preprocess.InputSettings(tuple(size)), batch,
+                                    workers=workers, cache=train_cache(root, size) if cache
+                                    else None, train=True, seed=SEED,
+                                    pin_memory=device.type == "cuda")
+
+
+def next_epoch(loader):
+    """An iterator over the loader's next epoch: set_epoch first, as training does."""
+    loader.sampler.set_epoch(loader.sampler.epoch + 1)
+    return iter(loader)
 
 
 def timed_pass(loader):
-    """(images, seconds) of one full pass over a loader."""
+    """(images, seconds) of one full pass (a new epoch) over a loader."""
     t0, images = time.perf_counter(), 0
-    for batch in loader:
+    for batch in next_epoch(loader):
         if batch is not None:
             images += batch[0].shape[0]
+    return images, time.perf_counter() - t0
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- training step
+
+def new_training(encoder, seed=0):
+    """(model, Adam, the training loss) built as train_model builds them, no pretrained weights."""
+    torch.manual_seed(seed)
+    model = model_lib.build_model(encoder, None, ENCODER_DEPTH)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    return model, optimizer, model_lib.make_loss()
+
+
+def train_step(model, optimizer, loss_fn, batch, device, mixed, channels_last, scaler):
+    """One training step as train_model's loop takes it; returns the loss (one device sync)."""
+    images = model_lib.to_device(batch[0], device, channels_last)
+    masks = batch[1].to(device, non_blocking=True)
+    with model_lib.autocast(device, mixed):
+        logits = model(images)
+    loss = loss_fn(logits.float(), masks)  # the loss in float32, as in training
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
+def train_steps(model, optimizer, loss_fn, batches, steps, device=CPU, mixed=False,
+                channels_last=False, scaler=None):
+    """(images, seconds) of `steps` batches (None batches count as steps, train nothing)."""
+    model.train()
+    images = 0
+    sync(device)
+    t0 = time.perf_counter()
+    for batch in itertools.islice(batches, steps):
+        if batch is None:
+            continue
+        train_step(model, optimizer, loss_fn, batch, device, mixed, channels_last, scaler)
+        images += batch[0].shape[0]
+    sync(device)
     return images, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- measures
 
 def measure_loader(pairs, root, size, batch, workers, min_seconds):
-    """Images/s uncached, first (cache-building) pass, and cached; each through make_loaders."""
+    """Images/s uncached, first (cache-building) pass, and cached; each a training loader."""
     out = {}
     uncached = make_train_loader(pairs, root, size, batch, cache=False, workers=workers)
     n, t = timed_pass(uncached)  # worker start-up counted: < 1% of a decode-bound pass
@@ -135,33 +213,13 @@ def measure_loader(pairs, root, size, batch, workers, min_seconds):
     return out
 
 
-def new_training(encoder, seed=0):
-    import segmentation_models_pytorch as smp
-
-    torch.manual_seed(seed)
-    model = train_model.build_model(encoder, None, 5)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    return model, optimizer, smp.losses.DiceLoss("binary", from_logits=True)
-
-
-def train_steps(model, optimizer, loss_fn, batches, steps, device=torch.device("cpu"),
-                mixed=False, channels_last=False, scaler=None):
-    """(images, seconds) of `steps` training steps through train_model.train_one_epoch."""
-    counted = []
-
-    def feed():
-        for batch in itertools.islice(batches, steps):
-            counted.append(batch[0].shape[0] if batch is not None else 0)
-            yield batch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def build_cache(pairs, root, size):
+    """Seconds to build the cache of `pairs` with PreprocessCache.build (images and truths)."""
     t0 = time.perf_counter()
-    train_model.train_one_epoch(model, feed(), loss_fn, optimizer, device, 1, [], scaler=scaler,
-                                mixed=mixed, channels_last=channels_last, progress=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return sum(counted), time.perf_counter() - t0
+    errors = train_cache(root, size).build(pairs, progress=False)
+    if errors:
+        raise SystemExit(f"cache build failed: {errors[:3]}")
+    return time.perf_counter() - t0
 
 
 def measure_training(pairs, root, size, batch, workers, encoder, steps, rounds, budget):
@@ -176,7 +234,8 @@ def measure_training(pairs, root, size, batch, workers, encoder, steps, rounds, 
     loader = make_train_loader(pairs, root, size, batch, cache=True, workers=workers)
     if len(loader) < steps:
         raise SystemExit(f"{len(pairs)} pairs give {len(loader)} batches; need {steps}")
-    in_memory = list(itertools.islice(iter(loader), steps))  # same augmented tensors, same size
+    # same augmented tensors, same size
+    in_memory = list(itertools.islice(next_epoch(loader), steps))
     model, optimizer, loss_fn = new_training(encoder)
     train_steps(model, optimizer, loss_fn, iter(in_memory), 2)  # warm-up: allocator, Adam state
     timed_pass(loader)  # warm-up: workers started, cache entries read once
@@ -186,10 +245,101 @@ def measure_training(pairs, root, size, batch, workers, encoder, steps, rounds, 
         if r >= 2 and time.perf_counter() - started > budget:
             break
         for source in (("alone", "pipeline") if r % 2 == 0 else ("pipeline", "alone")):
-            batches = iter(in_memory) if source == "alone" else iter(loader)
+            batches = iter(in_memory) if source == "alone" else next_epoch(loader)
             n, t = train_steps(model, optimizer, loss_fn, batches, steps)
             (alone if source == "alone" else pipeline).append(n / t)
     return alone, pipeline
+
+
+# ----------------------------------------------------------------------------- validation
+
+@torch.inference_mode()
+def network_size_pass(model, loader, loss_fn, device, mixed=False, channels_last=False):
+    """(images, seconds) of validation at network size, as training validated before: forward,
+    loss, metrics.batch_confusion against the network-size masks."""
+    model.eval()
+    counts = []
+    sync(device)
+    t0 = time.perf_counter()
+    for batch in next_epoch(loader):
+        if batch is None:
+            continue
+        masks = batch[1].to(device, non_blocking=True)
+        with model_lib.autocast(device, mixed):
+            logits = model(model_lib.to_device(batch[0], device, channels_last)).float()
+        loss_fn(logits, masks).item()
+        counts += metrics.batch_confusion(torch.sigmoid(logits), masks, THRESHOLD).tolist()
+    sync(device)
+    return len(counts), time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def original_size_pass(model, loader, loss_fn, device, mixed=False, channels_last=False,
+                       threads=1):
+    """(images, seconds) of train_model.validate's loop, reproduced: the loss at network size,
+    then each probability map resized to its true mask's size, cut and scored in threads."""
+    model.eval()
+
+    def per_image():
+        for batch in next_epoch(loader):
+            if batch is None:
+                continue
+            images, masks, _, truths = batch
+            with model_lib.autocast(device, mixed):
+                logits = model(model_lib.to_device(images, device, channels_last)).float()
+            loss_fn(logits, masks.to(device)).item()
+            for prob, (bits, hw) in zip(torch.sigmoid(logits)[:, 0].cpu().numpy(), truths):
+                yield prob, preprocess.unpack_truth(bits, hw), THRESHOLD
+
+    t0 = time.perf_counter()
+    counts = list(preprocess.ordered_map(metrics.confusion_at_original, per_image(), threads))
+    return len(counts), time.perf_counter() - t0
+
+
+def peak_extra_mb(run):
+    """(run's result, this process's peak RSS above its RSS at the start, MB, or None)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return run(), None
+    before = _kb("self", "VmRSS", "status")
+    result = run()
+    return result, (_kb("self", "VmHWM", "status") - before) / 1024
+
+
+def measure_validation(pairs, root, size, batch, workers, encoder, rounds, device=CPU,
+                       mixed=False, channels_last=False):
+    """Seconds of a validation pass at network size and at original size, same model, images
+    and cache (built before timing), in alternating rounds; the best round of each counts."""
+    build_cache(pairs, root, size)  # image entries and true masks: nothing decoded when timed
+    common = dict(settings=preprocess.InputSettings(tuple(size)), batch_size=batch,
+                  workers=workers, cache=train_cache(root, size), train=False,
+                  pin_memory=device.type == "cuda")
+    network = load_dataset.make_loader(pairs, **common)
+    original = load_dataset.make_loader(pairs, truth=True, **common)
+    torch.manual_seed(0)
+    model = model_lib.build_model(encoder, None, ENCODER_DEPTH).to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    loss_fn, amp = model_lib.make_loss(), (mixed, channels_last)
+    passes = {"network": lambda: network_size_pass(model, network, loss_fn, device, *amp),
+              "original": lambda: original_size_pass(model, original, loss_fn, device, *amp,
+                                                     threads=max(1, workers))}
+    extra_mb = {key: peak_extra_mb(run)[1] for key, run in passes.items()}  # warm-up
+    seconds = {key: [] for key in passes}
+    for r in range(rounds):
+        for key in (("network", "original") if r % 2 == 0 else ("original", "network")):
+            n, t = passes[key]()
+            seconds[key].append(t)
+    best = {key: min(v) for key, v in seconds.items()}
+    return {"images": n, "network_ips": n / best["network"], "original_ips": n / best["original"],
+            "network_s": best["network"], "original_s": best["original"],
+            "ratio": best["original"] / best["network"],
+            "median_ratio": statistics.median(o / w for w, o in zip(seconds["network"],
+                                                                    seconds["original"])),
+            "rounds": seconds, "peak_extra_mb": extra_mb,
+            "pixels": sum(w * h for w, h in (preprocess.stored_hw(p.mask) for p in pairs))}
 
 
 def measure_image(path, mask_path, encoder, size, repeats):
@@ -201,37 +351,39 @@ def measure_image(path, mask_path, encoder, size, repeats):
     size, blurred. The model stage still runs the real forward pass on the real input."""
     import test_model
 
-    model = train_model.build_model(encoder, None, 5).eval()
-    device = torch.device("cpu")
+    model = model_lib.build_model(encoder, None, ENCODER_DEPTH).eval()
     ckpt = {"image_size": list(size)}
+    settings = model_lib.input_settings(ckpt)
     truth = preprocess.read_mask(mask_path).astype(np.float32)
     trained_like = cv2.GaussianBlur(cv2.resize(truth, size[::-1], interpolation=cv2.INTER_AREA),
                                     (0, 0), 2)
     out = Path(tempfile.mkdtemp(prefix="image-bench-"))
     stages = {k: [] for k in ("read", "preprocess", "model", "write", "overlay", "predict")}
     try:
-        test_model.predict_batch(model, torch.zeros(1, 3, *size), device)  # warm-up
+        test_model.predict_batch(model, torch.zeros(1, 3, *size), CPU)  # warm-up
         for _ in range(repeats):
             t0 = time.perf_counter()
             info = preprocess.image_info(path)
-            image = preprocess.read_image(path, min_hw=tuple(size))
+            image = preprocess.read_image(path, min_hw=settings.size_hw)
             t1 = time.perf_counter()
-            small, _ = preprocess.resize_pair(image, None, tuple(size))
-            tensor = preprocess.to_tensor(small)[None]
+            small, _ = preprocess.resize_pair(image, None, settings.size_hw,
+                                              settings.interpolation)
+            tensor = preprocess.to_tensor(small, settings.mean, settings.std)[None]
             t2 = time.perf_counter()
-            test_model.predict_batch(model, tensor, device)
+            test_model.predict_batch(model, tensor, CPU)
             t3 = time.perf_counter()
             prob = preprocess.prob_to_original(trained_like, (info["height"], info["width"]))
-            pred = test_model.binarise(prob, 0.5)
-            test_model.write_mask(pred, out / "mask_segmentation.png")
+            pred = preprocess.binarise(prob, THRESHOLD)
+            test_model.write_mask(test_model.to_png_mask(pred), out / "mask_segmentation.png")
             t4 = time.perf_counter()
             test_model.save_overlay(Path(path), prob, pred, None, out / "overlay.png", "bench")
             t5 = time.perf_counter()
             # test_model.predict itself (read .. model, then the upsampling): a check on the split
-            test_model.predict(model, ckpt, Path(path), device)
+            test_model.predict(model, ckpt, Path(path), CPU)
             t6 = time.perf_counter()
-            for key, seconds in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
-                stages[key].append(seconds)
+            times = (t0, t1, t2, t3, t4, t5, t6)
+            for key, start, end in zip(stages, times, times[1:]):
+                stages[key].append(end - start)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return {k: statistics.median(v) for k, v in stages.items()}
@@ -296,7 +448,7 @@ def memory_child(args):
     sampler = TreeMemory()
     sampler.start()
     steps = len(loader) if args.memory_steps <= 0 else min(args.memory_steps, len(loader))
-    iterator = iter(loader)
+    iterator = next_epoch(loader)
     trained, seconds = train_steps(model, optimizer, loss_fn, iterator, steps)
     drained = sum(b[0].shape[0] for b in iterator if b is not None)  # the rest of the epoch
     worker_hwm = [_kb(p, "VmHWM", "status") for p in _children(os.getpid())]
@@ -327,26 +479,31 @@ def measure_memory(root, count, args):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer images, steps and rounds")
-    p.add_argument("--encoder", default="resnet18", help="encoder of the training measures")
+    p.add_argument("--encoder", default="resnet18",
+                   help="encoder of the training and validation measures")
     p.add_argument("--size", type=int, nargs=2, default=(160, 160), metavar=("H", "W"),
                    help="training size (CPU-sized; the GPU check uses 320x320)")
-    p.add_argument("--loader-size", type=int, nargs=2, default=train_model.IMAGE_SIZE,
-                   metavar=("H", "W"), help="working size of the loader measures")
-    p.add_argument("--batch", type=int, default=train_model.BATCH_SIZE)
-    p.add_argument("--workers", type=int, default=train_model.WORKERS,
+    p.add_argument("--loader-size", type=int, nargs=2, default=IMAGE_SIZE, metavar=("H", "W"),
+                   help="working size of the loader and validation measures")
+    p.add_argument("--batch", type=int, default=BATCH_SIZE)
+    p.add_argument("--workers", type=int, default=WORKERS,
                    help="loader workers (train_model.WORKERS)")
-    p.add_argument("--image-encoder", default=train_model.ENCODER,
+    p.add_argument("--image-encoder", default=ENCODER,
                    help="encoder of the --image measure (one forward pass)")
     p.add_argument("--mix-images", type=int, default=None,
                    help="ISIC-size images for the loader measures (default 40, quick 20)")
     p.add_argument("--steps", type=int, default=None, help="training steps per round")
     p.add_argument("--rounds", type=int, default=None, help="alternating training rounds")
+    p.add_argument("--valid-rounds", type=int, default=None,
+                   help="alternating validation rounds (default 4, quick 2)")
     p.add_argument("--memory-steps", type=int, default=None,
                    help="model steps in each memory epoch, the same at both sizes (default 25, "
                         "quick 10; 0: every batch); the loader always runs the whole epoch")
@@ -358,6 +515,7 @@ def parse_args(argv=None):
     args.mix_images = args.mix_images or (20 if quick else 40)
     args.steps = args.steps or (4 if quick else 6)
     args.rounds = args.rounds or (5 if quick else 8)
+    args.valid_rounds = max(1, args.valid_rounds or (2 if quick else 4))
     if args.memory_steps is None:  # the same model work at both sizes: one 200-image epoch
         args.memory_steps = 10 if quick else 25
     args.size, args.loader_size = tuple(args.size), tuple(args.loader_size)
@@ -393,114 +551,167 @@ def _on_sigterm(*_):
     os._exit(143)
 
 
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.memory_child:
         return memory_child(args)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    started, load_start, busy_start = time.time(), os.getloadavg()[0], _busy_seconds()
-    cores = os.cpu_count()
+    run = {"started": time.time(), "load_start": os.getloadavg()[0],
+           "busy_start": _busy_seconds()}
     tmp = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
     try:
-        sizes = [SIZE_CYCLE[i % len(SIZE_CYCLE)] for i in range(args.mix_images)]
-        print(f"writing {len(sizes)} ISIC-size JPEGs and 2000 small ones to {tmp} ...",
-              file=sys.stderr)
-        mix_pairs, mix_bytes = write_set(tmp / "mix", sizes, seed=1)
-        small_pairs, _ = write_set(tmp / "small", [SMALL_SOURCE] * 2000, seed=2)
-        print("loader ...", file=sys.stderr)
-        loader = measure_loader(mix_pairs, tmp / "mix", args.loader_size, args.batch,
-                                args.workers, min_seconds=2.0 if args.quick else 4.0)
-        print(f"  {loader}", file=sys.stderr)
-        print("building the cache of the 2000 small pairs ...", file=sys.stderr)
-        cache = preprocess.PreprocessCache(load_dataset.work_dir(tmp / "small") / ".cache",
-                                           args.size, 5)
-        t0 = time.perf_counter()
-        errors = cache.build(small_pairs, progress=False)
-        build_seconds = time.perf_counter() - t0
-        if errors:
-            raise SystemExit(f"cache build failed: {errors[:3]}")
-        print("training ...", file=sys.stderr)
-        alone, pipeline = measure_training(small_pairs[:200], tmp / "small", args.size,
-                                           args.batch, args.workers, args.encoder, args.steps,
-                                           args.rounds, budget=45 if args.quick else 120)
-        print(f"  model alone {alone}, pipeline {pipeline}", file=sys.stderr)
-        print("--image ...", file=sys.stderr)
-        largest = max(mix_pairs, key=lambda p: p.image.stat().st_size)
-        largest_mb = largest.image.stat().st_size / 1e6
-        largest_hw = preprocess.image_info(largest.image)
-        image = measure_image(largest.image, largest.mask, args.image_encoder, args.loader_size,
-                              repeats=2 if args.quick else 3)
-        print(f"  {image}", file=sys.stderr)
-        print("memory ...", file=sys.stderr)
-        memory = {n: measure_memory(tmp / "small", n, args) for n in (200, 2000)}
+        r = run_measures(args, tmp) | run
     finally:
         if args.keep:
             print(f"kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+    s = summarise(r)
+    lines = (header_lines(r, s, args) + [""] + speed_lines(r, s, args)
+             + validation_lines(r, args) + [""] + image_lines(r, s, args) + [""]
+             + memory_lines(r, s, args) + target_lines(r, s))
+    print("\n".join(lines))
+    print(json.dumps(summary_json(r, s, args)))
+    return 0
 
-    wall = time.time() - started
-    others = None if busy_start is None else \
-        max(0.0, (_busy_seconds() - busy_start - _own_seconds()) / wall)  # cores used by others
-    cache_speedup = loader["cached"][0] / loader["uncached"][0]
-    model_ips, pipe_ips = max(alone), max(pipeline)  # best rounds: see measure_training
-    pipeline_share = pipe_ips / model_ips
-    median_share = statistics.median(b / a for a, b in zip(alone, pipeline))
-    mem_small, mem_large = memory[200]["peak_rss_sum_mb"], memory[2000]["peak_rss_sum_mb"]
-    memory_growth = mem_large / mem_small
-    main_growth = memory[2000]["main_peak_rss_mb"] / memory[200]["main_peak_rss_mb"]
-    pss_growth = memory[2000]["tree_peak_pss_mb"] / memory[200]["tree_peak_pss_mb"]
-    io_total = image["read"] + image["preprocess"] + image["model"] + image["write"]
 
+def run_measures(args, tmp):
+    """Every measure, in order, on data generated under tmp; their raw results."""
+    r = {"sizes": [SIZE_CYCLE[i % len(SIZE_CYCLE)] for i in range(args.mix_images)]}
+    say = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    say(f"writing {len(r['sizes'])} ISIC-size JPEGs and 2000 small ones to {tmp} ...")
+    mix_pairs, r["mix_bytes"] = write_set(tmp / "mix", r["sizes"], seed=1)
+    small_pairs, _ = write_set(tmp / "small", [SMALL_SOURCE] * 2000, seed=2)
+    say("loader ...")
+    r["loader"] = measure_loader(mix_pairs, tmp / "mix", args.loader_size, args.batch,
+                                 args.workers, min_seconds=2.0 if args.quick else 4.0)
+    say(f"  {r['loader']}")
+    say("building the cache of the 2000 small pairs ...")
+    r["build_seconds"] = build_cache(small_pairs, tmp / "small", args.size)
+    say("training ...")
+    r["alone"], r["pipeline"] = measure_training(
+        small_pairs[:200], tmp / "small", args.size, args.batch, args.workers, args.encoder,
+        args.steps, args.rounds, budget=45 if args.quick else 120)
+    say(f"  model alone {r['alone']}, pipeline {r['pipeline']}")
+    say("validation ...")
+    r["valid"] = measure_validation(mix_pairs, tmp / "mix", args.loader_size, args.batch,
+                                    args.workers, args.encoder, args.valid_rounds)
+    say(f"  {r['valid']['rounds']}")
+    say("--image ...")
+    largest = max(mix_pairs, key=lambda p: p.image.stat().st_size)
+    r["largest_mb"] = largest.image.stat().st_size / 1e6
+    r["largest_hw"] = preprocess.image_info(largest.image)
+    r["image"] = measure_image(largest.image, largest.mask, args.image_encoder,
+                               args.loader_size, repeats=2 if args.quick else 3)
+    say(f"  {r['image']}")
+    say("memory ...")
+    r["memory"] = {n: measure_memory(tmp / "small", n, args) for n in (200, 2000)}
+    return r
+
+
+def summarise(r):
+    """The derived figures: speed and memory ratios, and the CPU other processes took."""
+    wall = time.time() - r["started"]
+    memory, image = r["memory"], r["image"]
+    s = {"wall": wall, "cores": os.cpu_count(),
+         "others": None if r["busy_start"] is None else  # cores used by others, on average
+         max(0.0, (_busy_seconds() - r["busy_start"] - _own_seconds()) / wall),
+         "cache_speedup": r["loader"]["cached"][0] / r["loader"]["uncached"][0],
+         "model_ips": max(r["alone"]), "pipe_ips": max(r["pipeline"]),  # see measure_training
+         "median_share": statistics.median(b / a for a, b in zip(r["alone"], r["pipeline"])),
+         "memory_growth": memory[2000]["peak_rss_sum_mb"] / memory[200]["peak_rss_sum_mb"],
+         "main_growth": memory[2000]["main_peak_rss_mb"] / memory[200]["main_peak_rss_mb"],
+         "pss_growth": memory[2000]["tree_peak_pss_mb"] / memory[200]["tree_peak_pss_mb"],
+         "io_total": image["read"] + image["preprocess"] + image["model"] + image["write"]}
+    s["pipeline_share"] = s["pipe_ips"] / s["model_ips"]
+    return s
+
+
+def header_lines(r, s, args):
+    sizes, cores, others = r["sizes"], s["cores"], s["others"]
     mix = ", ".join(f"{w}x{h} {sizes.count((w, h)) / len(sizes):.0%}"
                     for w, h in sorted(set(sizes)))
-    ly, lx = args.loader_size
-    ty, tx = args.size
-    mem_steps = "every batch" if args.memory_steps <= 0 else f"the first {args.memory_steps} " \
-                                                            f"batches"
-    lines = [
+    return [
         f"pipeline benchmark{' (--quick)' if args.quick else ''}: {cores} CPU cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"loader workers {args.workers}"
-        f"{' (train_model.WORKERS)' if args.workers == train_model.WORKERS else ''}, "
-        f"batch {args.batch}",
-        f"sources: {len(sizes)} generated JPEGs (q{JPEG_QUALITY}, {mix_bytes / 1e6:.0f} MB, "
-        f"{mix_bytes / sum(w * h for w, h in sizes):.2f} B/px) + PNG 0/255 masks; sizes: {mix}",
-        f"load average {load_start:.1f} at start; other processes used "
+        f"{' (train_model.WORKERS)' if args.workers == WORKERS else ''}, batch {args.batch}",
+        f"sources: {len(sizes)} generated JPEGs (q{JPEG_QUALITY}, {r['mix_bytes'] / 1e6:.0f} MB, "
+        f"{r['mix_bytes'] / sum(w * h for w, h in sizes):.2f} B/px) + PNG 0/255 masks; "
+        f"sizes: {mix}",
+        f"load average {r['load_start']:.1f} at start; other processes used "
         + ("?" if others is None else f"{others:.2f}") + f" of the {cores} cores on average "
         f"during the run" + ("  ** shared machine: timings are noisy **"
                              if others is not None and others > 0.2 else ""),
-        "",
+    ]
+
+
+def row(label, ips, seconds=None, note="", digits=1):
+    """One line of the results table."""
+    return (f"{label:<58}{ips:>10.{digits}f}"
+            f"{'' if seconds is None else f'{seconds:.2f}':>10}{note}")
+
+
+def speed_lines(r, s, args):
+    loader, (ly, lx), (ty, tx) = r["loader"], args.loader_size, args.size
+    return [
         f"{'measure':<58}{'images/s':>10}{'seconds':>10}",
-        f"{f'loader {ly}x{lx}, no cache (decode + resize every time)':<58}"
-        f"{loader['uncached'][0]:>10.1f}{loader['uncached'][1]:>10.2f}",
-        f"{f'loader {ly}x{lx}, first pass (builds the cache)':<58}"
-        f"{loader['first'][0]:>10.1f}{loader['first'][1]:>10.2f}",
-        f"{f'loader {ly}x{lx}, from the cache':<58}"
-        f"{loader['cached'][0]:>10.1f}{loader['cached'][1]:>10.2f}",
-        f"{'  cache_speedup (cached / no cache)':<58}{cache_speedup:>10.1f}",
-        f"{'cache build, 2000 pairs 640x480, PreprocessCache.build':<58}"
-        f"{2000 / build_seconds:>10.1f}{build_seconds:>10.2f}",
-        f"{f'training {args.encoder} FPN {ty}x{tx}, model alone (batches in RAM)':<58}"
-        f"{model_ips:>10.2f}{'':>10}   rounds: {' '.join(f'{x:.1f}' for x in alone)}",
-        f"{f'training, full pipeline (cached loader+workers+augment)':<58}"
-        f"{pipe_ips:>10.2f}{'':>10}   rounds: {' '.join(f'{x:.1f}' for x in pipeline)}",
-        f"{'  pipeline_share (best round over best round)':<58}{pipeline_share:>10.3f}"
-        f"   median of per-round ratios: {median_share:.3f}",
-        "",
-        f"test_model --image, {largest_mb:.1f} MB {largest_hw['width']}x{largest_hw['height']} "
-        f"JPEG, {args.image_encoder} FPN at {ly}x{lx}, CPU (median of "
-        f"{2 if args.quick else 3}):",
+        row(f"loader {ly}x{lx}, no cache (decode + resize every time)", *loader["uncached"]),
+        row(f"loader {ly}x{lx}, first pass (builds the cache)", *loader["first"]),
+        row(f"loader {ly}x{lx}, from the cache", *loader["cached"]),
+        f"{'  cache_speedup (cached / no cache)':<58}{s['cache_speedup']:>10.1f}",
+        row("cache build, 2000 pairs 640x480, PreprocessCache.build",
+            2000 / r["build_seconds"], r["build_seconds"]),
+        row(f"training {args.encoder} FPN {ty}x{tx}, model alone (batches in RAM)",
+            s["model_ips"], None, "   rounds: " + " ".join(f"{x:.1f}" for x in r["alone"]), 2),
+        row("training, full pipeline (cached loader+workers+augment)", s["pipe_ips"], None,
+            "   rounds: " + " ".join(f"{x:.1f}" for x in r["pipeline"]), 2),
+        f"{'  pipeline_share (best round over best round)':<58}{s['pipeline_share']:>10.3f}"
+        f"   median of per-round ratios: {s['median_share']:.3f}",
+    ]
+
+
+def validation_lines(r, args):
+    v, (ly, lx) = r["valid"], args.loader_size
+    extra = v["peak_extra_mb"]
+    memory = "" if None in extra.values() else \
+        f"; peak RSS above start: network {extra['network']:.0f} MB, " \
+        f"original {extra['original']:.0f} MB"
+    return [
+        row(f"validation {args.encoder} FPN {ly}x{lx}, at network size", v["network_ips"],
+            v["network_s"], "   forward + loss + batch_confusion", 2),
+        row("validation at original size (train_model.validate's loop)", v["original_ips"],
+            v["original_s"], "   + resize, cut, score per image", 2),
+        f"{'  valid_original_over_network (seconds, best rounds)':<58}{v['ratio']:>10.3f}"
+        f"   median of per-round ratios: {v['median_ratio']:.3f}",
+        f"  ({v['images']} ISIC-size images, {v['pixels'] / 1e6:.0f} MP of true masks, from the "
+        f"cache, {max(1, args.workers)} scoring thread(s), best of {args.valid_rounds} "
+        f"alternating rounds{memory})",
+    ]
+
+
+def image_lines(r, s, args):
+    image, io_total, (ly, lx) = r["image"], s["io_total"], args.loader_size
+    return [
+        f"test_model --image, {r['largest_mb']:.1f} MB {r['largest_hw']['width']}x"
+        f"{r['largest_hw']['height']} JPEG, {args.image_encoder} FPN at {ly}x{lx}, CPU (median "
+        f"of {2 if args.quick else 3}):",
         "  " + ", ".join(f"{k} {image[k]:.3f} s" for k in ("read", "preprocess", "model", "write"))
         + f"; model share {image['model'] / io_total:.0%} of {io_total:.2f} s",
-        f"  (write = upsample to full size + threshold + PNG; the map written is a trained-like "
-        f"blurred lesion, not the untrained model's speckle)",
+        "  (write = upsample to full size + threshold + PNG; the map written is a trained-like "
+        "blurred lesion, not the untrained model's speckle)",
         f"  + overlay figure {image['overlay']:.3f} s; check: test_model.predict (read to "
         f"upsample) {image['predict']:.3f} s",
-        "",
-        f"peak memory, one epoch from the cache ({ty}x{tx}, all batches loaded, model step on "
-        f"{mem_steps}):",
     ]
+
+
+def memory_lines(r, s, args):
+    memory, (ty, tx) = r["memory"], args.size
+    steps = "every batch" if args.memory_steps <= 0 else f"the first {args.memory_steps} batches"
+    lines = [f"peak memory, one epoch from the cache ({ty}x{tx}, all batches loaded, model "
+             f"step on {steps}):"]
     for n in (200, 2000):
         m = memory[n]
         lines.append(f"  {n:>5} images: peak RSS main {m['main_peak_rss_mb']:.0f} + workers "
@@ -508,33 +719,52 @@ def main(argv=None):
                      f"{m['peak_rss_sum_mb']:.0f} MB; sampled PSS of all "
                      f"{m['tree_peak_pss_mb']:.0f} MB ({m['images_loaded']} images loaded, "
                      f"{m['images_trained']} trained)")
-    lines.append(f"{'  memory_growth (2000 / 200, summed peak RSS)':<58}{memory_growth:>10.3f}"
-                 f"   main alone {main_growth:.3f}, sampled PSS {pss_growth:.3f}")
-    lines.append(f"targets: cache_speedup >= 10: {'ok' if cache_speedup >= 10 else 'MISSED'}; "
-                 f"pipeline_share >= 0.90: {'ok' if pipeline_share >= 0.90 else 'MISSED'}; "
-                 f"memory_growth <= 1.10: {'ok' if memory_growth <= 1.10 else 'MISSED'}"
-                 f"  ({time.time() - started:.0f} s)")
-    if others is not None and others > 0.5:
-        lines.append(f"** other processes held {others:.2f} of {cores} cores: the speed figures "
-                     f"of this run are not trustworthy; rerun on a quiet machine **")
-    print("\n".join(lines))
-    print(json.dumps({
-        "cache_speedup": round(cache_speedup, 2), "pipeline_share": round(pipeline_share, 3),
-        "memory_growth": round(memory_growth, 3), "memory_growth_main_rss": round(main_growth, 3),
-        "memory_growth_pss": round(pss_growth, 3),
+    lines.append(f"{'  memory_growth (2000 / 200, summed peak RSS)':<58}"
+                 f"{s['memory_growth']:>10.3f}   main alone {s['main_growth']:.3f}, "
+                 f"sampled PSS {s['pss_growth']:.3f}")
+    return lines
+
+
+def target_lines(r, s):
+    def verdict(ok):
+        return "ok" if ok else "MISSED"
+
+    lines = [f"targets: cache_speedup >= 10: {verdict(s['cache_speedup'] >= 10)}; "
+             f"pipeline_share >= 0.90: {verdict(s['pipeline_share'] >= 0.90)}; "
+             f"memory_growth <= 1.10: {verdict(s['memory_growth'] <= 1.10)}; "
+             f"valid_original_over_network <= 2: {verdict(r['valid']['ratio'] <= 2)}"
+             f"  ({time.time() - r['started']:.0f} s)"]
+    if s["others"] is not None and s["others"] > 0.5:
+        lines.append(f"** other processes held {s['others']:.2f} of {s['cores']} cores: the "
+                     f"speed figures of this run are not trustworthy; rerun on a quiet machine **")
+    return lines
+
+
+def summary_json(r, s, args):
+    loader, memory, v = r["loader"], r["memory"], r["valid"]
+    return {
+        "cache_speedup": round(s["cache_speedup"], 2),
+        "pipeline_share": round(s["pipeline_share"], 3),
+        "valid_original_over_network": round(v["ratio"], 3),
+        "memory_growth": round(s["memory_growth"], 3),
+        "memory_growth_main_rss": round(s["main_growth"], 3),
+        "memory_growth_pss": round(s["pss_growth"], 3),
         "loader_uncached_ips": round(loader["uncached"][0], 2),
         "loader_first_pass_ips": round(loader["first"][0], 2),
         "loader_cached_ips": round(loader["cached"][0], 1),
-        "model_alone_ips": round(model_ips, 3), "pipeline_ips": round(pipe_ips, 3),
-        "pipeline_share_median_round": round(median_share, 3),
-        "image_seconds": {k: round(v, 4) for k, v in image.items()},
+        "model_alone_ips": round(s["model_ips"], 3), "pipeline_ips": round(s["pipe_ips"], 3),
+        "pipeline_share_median_round": round(s["median_share"], 3),
+        "valid_network_ips": round(v["network_ips"], 2),
+        "valid_original_ips": round(v["original_ips"], 2),
+        "valid_ratio_median_round": round(v["median_ratio"], 3),
+        "image_seconds": {k: round(x, 4) for k, x in r["image"].items()},
         "peak_rss_sum_mb": {str(n): round(memory[n]["peak_rss_sum_mb"], 1) for n in memory},
-        "quick": args.quick, "cores": cores, "workers": args.workers, "encoder": args.encoder,
-        "train_size": list(args.size), "loader_size": list(args.loader_size),
-        "batch": args.batch, "load_avg_start": round(load_start, 2),
-        "other_cores": None if others is None else round(others, 2),
-        "seconds": round(time.time() - started, 1)}))
-    return 0
+        "quick": args.quick, "cores": s["cores"], "workers": args.workers,
+        "encoder": args.encoder, "train_size": list(args.size),
+        "loader_size": list(args.loader_size), "batch": args.batch,
+        "load_avg_start": round(r["load_start"], 2),
+        "other_cores": None if s["others"] is None else round(s["others"], 2),
+        "seconds": round(time.time() - r["started"], 1)}
 
 
 if __name__ == "__main__":
