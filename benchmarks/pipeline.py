@@ -326,12 +326,15 @@ def measure_validation(pairs, root, size, batch, workers, encoder, rounds, devic
     passes = {"network": lambda: network_size_pass(model, network, loss_fn, device, *amp),
               "original": lambda: original_size_pass(model, original, loss_fn, device, *amp,
                                                      threads=max(1, workers))}
-    extra_mb = {key: peak_extra_mb(run)[1] for key, run in passes.items()}  # warm-up
-    seconds = {key: [] for key in passes}
+    for run in passes.values():
+        run()  # warm-up: workers started, entries in the page cache, allocator grown
+    seconds, extra_mb = {key: [] for key in passes}, {key: [] for key in passes}
     for r in range(rounds):
         for key in (("network", "original") if r % 2 == 0 else ("original", "network")):
-            n, t = passes[key]()
+            (n, t), extra = peak_extra_mb(passes[key])
             seconds[key].append(t)
+            extra_mb[key].append(extra)
+    extra_mb = {key: None if None in v else max(v) for key, v in extra_mb.items()}
     best = {key: min(v) for key, v in seconds.items()}
     return {"images": n, "network_ips": n / best["network"], "original_ips": n / best["original"],
             "network_s": best["network"], "original_s": best["original"],
@@ -677,7 +680,7 @@ def validation_lines(r, args):
     v, (ly, lx) = r["valid"], args.loader_size
     extra = v["peak_extra_mb"]
     memory = "" if None in extra.values() else \
-        f"; peak RSS above start: network {extra['network']:.0f} MB, " \
+        f"; main process peak RSS above a pass's start: network {extra['network']:.0f} MB, " \
         f"original {extra['original']:.0f} MB"
     return [
         row(f"validation {args.encoder} FPN {ly}x{lx}, at network size", v["network_ips"],
@@ -757,6 +760,8 @@ def summary_json(r, s, args):
         "valid_network_ips": round(v["network_ips"], 2),
         "valid_original_ips": round(v["original_ips"], 2),
         "valid_ratio_median_round": round(v["median_ratio"], 3),
+        "valid_peak_extra_mb": {k: None if x is None else round(x) for k, x in
+                                v["peak_extra_mb"].items()},
         "image_seconds": {k: round(x, 4) for k, x in r["image"].items()},
         "peak_rss_sum_mb": {str(n): round(memory[n]["peak_rss_sum_mb"], 1) for n in memory},
         "quick": args.quick, "cores": s["cores"], "workers": args.workers,

@@ -19,6 +19,7 @@ import demo_data
 import model as model_lib
 import load_dataset
 import metrics
+import preprocess
 import test_model
 import train_model
 
@@ -339,3 +340,96 @@ def test_bad_checkpoint_is_one_line_without_traceback(tmp_path, plain_ckpt, kind
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and str(bad) in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- EXIF and outputs
+
+FIXTURES = Path(__file__).parent / "fixtures" / "isic_sample"
+
+
+def rotated_fixture_pair(folder, turned_mask):
+    """A real fixture image cropped to 256x192 (h x w) and saved with EXIF orientation 6
+    ("turn 90 degrees clockwise to view"), beside its mask: the mask has the shape of the image
+    as stored (turned_mask False) or as a viewer shows it (True)."""
+    image_path = sorted((FIXTURES / "images").iterdir())[0]
+    pair_id = image_path.stem
+    image = np.asarray(Image.open(image_path).convert("RGB"))[:, 32:224]  # 256 x 192
+    mask = np.asarray(Image.open(FIXTURES / "masks" / f"{pair_id}_segmentation.png"))[:, 32:224]
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    if turned_mask:  # the viewer's picture is the crop: store it turned the other way
+        stored, truth = np.rot90(image, 1), mask
+    else:  # the pixels as stored are the crop, and the mask follows them
+        stored, truth = image, mask
+    Image.fromarray(np.ascontiguousarray(stored)).save(folder / "images" / f"{pair_id}.png",
+                                                       exif=exif.tobytes())
+    Image.fromarray(np.ascontiguousarray(truth)).save(
+        folder / "masks" / f"{pair_id}_segmentation.png")
+    return pair_id, image, truth
+
+
+@pytest.mark.parametrize("turned_mask", [False, True])
+def test_exif_rotated_photo_stays_aligned_with_its_mask(tmp_path, turned_mask):
+    pair_id, image, truth = rotated_fixture_pair(tmp_path / "data", turned_mask)
+    found = load_dataset.scan(tmp_path / "data")
+    [pair] = found.splits["train"]
+    assert pair.exif is turned_mask  # turned only when the mask has the turned shape
+    assert [(p.name, why) for p, why in found.corrected] == [(
+        pair.image.name, "EXIF orientation 6 applied: its mask has the turned shape"
+        if turned_mask else "EXIF orientation 6 not applied: its mask has the shape of the "
+                            "image as stored")]
+    # the image the network gets is the crop the mask was drawn on, in both cases
+    loaded, mask, _ = load_dataset.SegmentationDataset([pair], (256, 192))[0]
+    expected = preprocess.to_tensor(image)
+    assert torch.allclose(loaded, expected, atol=1e-5)
+    assert torch.equal(mask[0].bool(), torch.from_numpy(truth > 127))
+
+    # --evaluate writes each mask at the shape of its ground truth, as the scorer needs
+    model = model_lib.build_model("resnet18", None, 5).eval()
+    ckpt = {"image_size": [64, 64]}
+    out = tmp_path / "evaluation"
+    test_model.evaluate_split(model, ckpt, [pair], torch.device("cpu"), out, 0.5, workers=0)
+    written = np.asarray(Image.open(out / "masks" / f"{pair_id}_segmentation.png"))
+    assert written.shape == truth.shape == (256, 192)
+
+
+def test_image_without_a_mask_is_masked_in_the_orientation_a_viewer_shows(tmp_path, plain_ckpt):
+    pair_id, _, _ = rotated_fixture_pair(tmp_path / "data", turned_mask=True)
+    photo = tmp_path / "photo.png"
+    shutil.copy(tmp_path / "data" / "images" / f"{pair_id}.png", photo)  # no mask beside it
+    assert test_model.main(["--checkpoint", str(plain_ckpt), "--image", str(photo),
+                            "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    written = np.asarray(Image.open(tmp_path / "out" / "photo_segmentation.png"))
+    assert written.shape == (256, 192)  # stored 192 x 256, shown turned
+
+
+def test_outputs_go_beside_the_checkpoint_and_same_stems_never_collide(tmp_path, demo, capsys):
+    root, split_file, splits = demo
+    run_dir = tmp_path / "runs" / "m2017"
+    run_dir.mkdir(parents=True)
+    path = write_checkpoint(run_dir / "resnet18.pth", root, split_file, False)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # a ./Model here must stay untouched
+    try:
+        assert test_model.main(["--checkpoint", str(path), "--evaluate", "--workers", "0"]) == 0
+        summary = json.loads((run_dir / "evaluation" / "test" / "summary.json").read_text())
+        assert summary["checkpoint"] == str(path) and summary["epoch"] == 1
+        assert summary["threshold"] == 0.5 and summary["images"] == len(splits["test"])
+        assert not (tmp_path / "Model").exists()
+
+        a, b = tmp_path / "a", tmp_path / "b"
+        for folder in (a, b):
+            folder.mkdir()
+            shutil.copy(splits["test"][0].image, folder / "IMD002.jpg")
+        args = ["--checkpoint", str(path), "--image", str(a / "IMD002.jpg"),
+                str(b / "IMD002.jpg"), "--device", "cpu"]
+        assert test_model.main(args) == 0
+        masks = sorted(p.name for p in (run_dir / "predictions").glob("*_segmentation.png"))
+        assert masks == ["a_IMD002_segmentation.png", "b_IMD002_segmentation.png"]
+        capsys.readouterr()
+        assert test_model.main(args) == 0
+        assert "note: replacing 4 earlier result file(s)" in capsys.readouterr().out
+    finally:
+        os.chdir(cwd)
