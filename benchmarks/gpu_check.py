@@ -135,7 +135,8 @@ def measure_training(cfg, args, device, mixed, channels_last, tmp):
 def report(cfg, args, r, v, cuda, started):
     """The table, then the JSON line."""
     h, w = cfg["size"]
-    amp_name = "mixed precision + channels_last" if cuda else "train_model's GPU flags (off on CPU)"
+    amp_name = "mixed precision + channels_last" if cuda else \
+        "train_model's GPU flags (off on CPU)"
     rows = [
         (f"training {cfg['encoder']} FPN {h}x{w}, batch {cfg['batch']}, float32", r["fp32_ips"],
          f"peak {r['fp32_mem']:.0f} MB" if cuda else ""),
