@@ -145,7 +145,7 @@ def report(cfg, args, r, v, cuda, started):
          f"{' (train_model.WORKERS)' if args.workers == WORKERS else ''}, augment",
          r["loader_ips"], f"cache built at {r['pairs'] / r['build']:.0f} images/s"),
         ("full pipeline: cached loader + the mixed/channels_last step", r["pipe_ips"], ""),
-        (f"validation {cfg['valid_encoder']} FPN {h}x{w}, network size (forward+loss+"
+        (f"validation {cfg['valid_encoder']} FPN {h}x{w} at network size (+ loss, "
          f"batch_confusion)", v["network_ips"], f"{v['network_s']:.2f} s"),
         ("validation at original size (train_model.validate's loop)", v["original_ips"],
          f"{v['original_s']:.2f} s, {v['images']} ISIC-size images"),
