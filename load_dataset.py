@@ -258,7 +258,7 @@ def _size_problem(image_hw, mask_hw):
         return None
     (ih, iw), (mh, mw) = image_hw, mask_hw
     sizes = f"mask {mw}x{mh} differs from its image {iw}x{ih}"
-    if abs((mw / mh) / (iw / ih) - 1) <= 0.01:
+    if preprocess.same_aspect(mask_hw, image_hw):
         return "corrected", f"{sizes}, same aspect ratio: resized (nearest) at load time"
     return "skipped", f"{sizes} in aspect ratio"
 
@@ -488,17 +488,18 @@ class SegmentationDataset(Dataset):
         return len(self.pairs)
 
     def _read(self, pair):
+        truth = None
         if self.cache is not None:
             image, mask = self.cache.load(pair.image, pair.mask, pair.exif)
-        else:
-            image = read_image(pair.image, min_hw=self.settings.size_hw, exif=pair.exif)
-            mask = read_mask(pair.mask) if pair.mask else None
-            image, mask = preprocess.resize_pair(image, mask, self.settings.size_hw,
-                                                 self.settings.interpolation)
-        truth = None
+            if self.truth:
+                truth = self.cache.truth(pair.mask)
+            return image, mask, truth
+        image = read_image(pair.image, min_hw=self.settings.size_hw, exif=pair.exif)
+        mask = read_mask(pair.mask) if pair.mask else None
         if self.truth:
-            truth = self.cache.truth(pair.mask) if self.cache is not None else \
-                preprocess.pack_truth(read_mask(pair.mask) > 0)
+            truth = preprocess.pack_truth(mask > 0)
+        image, mask = preprocess.resize_pair(image, mask, self.settings.size_hw,
+                                             self.settings.interpolation)
         return image, mask, truth
 
     def __getitem__(self, index):
@@ -528,13 +529,10 @@ def sample_seed(seed, epoch, i):
 
 class EpochSampler(Sampler):
     """(epoch, i) for each index of an epoch, shuffled from (seed, epoch) alone when `shuffle`.
+    Call set_epoch before each epoch."""
 
-    Call set_epoch before each epoch. With `world` > 1 (several processes), each `rank` takes
-    every world-th index of the same order."""
-
-    def __init__(self, size, seed=0, shuffle=True, rank=0, world=1):
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.rank, self.world, self.epoch = rank, world, 0
+    def __init__(self, size, seed=0, shuffle=True):
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -544,10 +542,10 @@ class EpochSampler(Sampler):
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.size, generator=generator).tolist()
-        return ((self.epoch, i) for i in order[self.rank::self.world])
+        return ((self.epoch, i) for i in order)
 
     def __len__(self):
-        return len(range(self.rank, self.size, self.world))
+        return self.size
 
 
 def collate_skip_none(batch):
@@ -563,13 +561,13 @@ def collate_skip_none(batch):
 
 
 def make_loader(pairs, settings, batch_size, workers=0, cache=None, train=False, seed=0,
-                pin_memory=False, truth=False, rank=0, world=1):
+                pin_memory=False, truth=False):
     """A DataLoader of a split: shuffled and augmented for training, in order otherwise.
 
     Workers persist across epochs; what they produce depends only on (seed, epoch, index)."""
     dataset = SegmentationDataset(pairs, settings, augment=train, cache=cache, seed=seed,
                                   truth=truth)
-    sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world)
+    sampler = EpochSampler(len(dataset), seed, shuffle=train)
     # a generator of its own: starting workers draws a seed from it, and drawing from the
     # global one would shift the model's dropout in the first epoch a loader is used
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,

@@ -140,6 +140,18 @@ def make_loss(name="dice"):
     raise SettingError(f"LOSS={name!r}: use 'dice' or 'dice+bce'")
 
 
+def optimizer_step(loss, optimizer, scaler=None):
+    """Backward and step; through the GradScaler when float16 autocast needs one."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 # ----------------------------------------------------------------------------- device
 
 def pick_device(name):

@@ -229,7 +229,8 @@ def stored_hw(path):
         return img.height, img.width
 
 
-def _same_aspect(a, b):
+def same_aspect(a, b):
+    """True when two (h, w) shapes have the same aspect ratio, to 1%."""
     return abs((a[1] / a[0]) / (b[1] / b[0]) - 1) <= 0.01
 
 
@@ -245,10 +246,10 @@ def pair_orientation(image_info_, mask_hw):
         return True, None
     turned = (image_info_["height"], image_info_["width"])
     stored = turned[::-1] if o in (5, 6, 7, 8) else turned
-    if turned != stored and _same_aspect(mask_hw, turned) and not _same_aspect(mask_hw, stored):
+    if turned != stored and same_aspect(mask_hw, turned) and not same_aspect(mask_hw, stored):
         return True, f"EXIF orientation {o} applied: its mask has the turned shape"
     if turned != stored:
-        if _same_aspect(mask_hw, stored):
+        if same_aspect(mask_hw, stored):
             return False, (f"EXIF orientation {o} not applied: its mask has the shape of the "
                            f"image as stored")
         return False, f"EXIF orientation {o} not applied"

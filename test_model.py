@@ -248,7 +248,7 @@ def report_replaced(out, names):
 # ----------------------------------------------------------------------------- a whole split
 
 def split_probabilities(model, ckpt, pairs, device, batch_size, workers, desc):
-    """Yield (pair, probability map at network size, true mask at its own size) over a split.
+    """Yield (pair, probability map at network size, true mask as packed bits, its (h, w)).
 
     The images and masks go through load_dataset's Dataset exactly as validation during
     training reads them (same decode, resize and normalisation, from the checkpoint)."""
@@ -263,7 +263,7 @@ def split_probabilities(model, ckpt, pairs, device, batch_size, workers, desc):
             images, _, ids, truths = batch
             for prob, pair_id, (bits, hw) in zip(predict_batch(model, images, device), ids,
                                                  truths):
-                yield by_id[pair_id], prob, preprocess.unpack_truth(bits, hw)
+                yield by_id[pair_id], prob, bits, hw  # unpacked in the scoring threads
                 bar.update()
 
 
@@ -280,7 +280,8 @@ def evaluate_split(model, ckpt, pairs, device, out, threshold, batch_size=BATCH_
     if any(not load_dataset.ISIC_ID.search(p.id) for p in pairs):
         print("note: some ids hold no ISIC_<7 digits> id; the official scorer cannot match them")
 
-    def score(pair, prob, truth):
+    def score(pair, prob, bits, hw):
+        truth = preprocess.unpack_truth(bits, hw)
         pred = preprocess.binarise(preprocess.prob_to_original(prob, truth.shape), threshold)
         write_mask(to_png_mask(pred), mask_dir / f"{pair.id}_segmentation.png")
         return pair.id, metrics.confusion(pred, truth)
@@ -333,7 +334,8 @@ def threshold_analysis(model, ckpt, pairs, device, out, thresholds=THRESHOLDS,
                        batch_size=BATCH_SIZE, workers=WORKERS, split="valid",
                        checkpoint_path="checkpoint"):
     """Histogram of probabilities and mean scores against the threshold, all at original size."""
-    def count(pair, prob, truth):
+    def count(pair, prob, bits, hw):
+        truth = preprocess.unpack_truth(bits, hw)
         big = preprocess.prob_to_original(prob, truth.shape)
         bins = np.minimum((big * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
         hist = np.bincount(bins.ravel() + HISTOGRAM_BINS * truth.ravel(),

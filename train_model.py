@@ -113,14 +113,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, device, epoch, iter_log, 
                                 f"step {step}; stopped before updating the model (the best "
                                 f"checkpoint is untouched). Lower LR, or turn MIXED_PRECISION "
                                 f"off.")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        model_lib.optimizer_step(loss, optimizer, scaler)
         with torch.no_grad():
             counts = metrics.batch_confusion(torch.sigmoid(logits.float()), masks, threshold)
         n = images.shape[0]
@@ -154,9 +147,12 @@ def validate(model, loader, loss_fn, device, threshold=THRESHOLD, mixed=False,
                 logits = model(model_lib.to_device(images, device, channels_last)).float()
             losses.append((loss_fn(logits, masks.to(device)).item(), len(images)))
             for prob, (bits, hw) in zip(torch.sigmoid(logits)[:, 0].cpu().numpy(), truths):
-                yield prob, preprocess.unpack_truth(bits, hw), threshold
+                yield prob, bits, hw
 
-    counts = list(preprocess.ordered_map(metrics.confusion_at_original, per_image(), threads))
+    def score(prob, bits, hw):  # in the scoring threads, beside the model
+        return metrics.confusion_at_original(prob, preprocess.unpack_truth(bits, hw), threshold)
+
+    counts = list(preprocess.ordered_map(score, per_image(), threads))
     result = metrics.mean_scores(counts)
     seen = sum(n for _, n in losses)
     result["loss"] = sum(loss * n for loss, n in losses) / seen if seen else float("nan")

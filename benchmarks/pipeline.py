@@ -163,15 +163,9 @@ def train_step(model, optimizer, loss_fn, batch, device, mixed, channels_last, s
     with model_lib.autocast(device, mixed):
         logits = model(images)
     loss = loss_fn(logits.float(), masks)  # the loss in float32, as in training
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    return loss.item()
+    loss_value = loss.item()  # training's one device sync per step
+    model_lib.optimizer_step(loss, optimizer, scaler)
+    return loss_value
 
 
 def train_steps(model, optimizer, loss_fn, batches, steps, device=CPU, mixed=False,

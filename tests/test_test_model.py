@@ -381,16 +381,17 @@ def test_exif_rotated_photo_stays_aligned_with_its_mask(tmp_path, turned_mask):
         if turned_mask else "EXIF orientation 6 not applied: its mask has the shape of the "
                             "image as stored")]
     # the image the network gets is the crop the mask was drawn on, in both cases
-    loaded, mask, _ = load_dataset.SegmentationDataset([pair], (256, 192))[0]
-    expected = preprocess.to_tensor(image)
-    assert torch.allclose(loaded, expected, atol=1e-5)
-    assert torch.equal(mask[0].bool(), torch.from_numpy(truth > 127))
+    cache = preprocess.PreprocessCache(tmp_path / "cache", (256, 192))
+    for source in (None, cache, cache):  # decoded, then built into the cache, then read back
+        loaded, mask, _ = load_dataset.SegmentationDataset([pair], (256, 192), cache=source)[0]
+        assert torch.allclose(loaded, preprocess.to_tensor(image), atol=1e-5)
+        assert torch.equal(mask[0].bool(), torch.from_numpy(truth > 127))
 
     # --evaluate writes each mask at the shape of its ground truth, as the scorer needs
     model = model_lib.build_model("resnet18", None, 5).eval()
     ckpt = {"image_size": [64, 64]}
     out = tmp_path / "evaluation"
-    test_model.evaluate_split(model, ckpt, [pair], torch.device("cpu"), out, 0.5, workers=0)
+    test_model.evaluate_split(model, ckpt, [pair], torch.device("cpu"), out, 0.5)
     written = np.asarray(Image.open(out / "masks" / f"{pair_id}_segmentation.png"))
     assert written.shape == truth.shape == (256, 192)
 
@@ -413,7 +414,7 @@ def test_outputs_go_beside_the_checkpoint_and_same_stems_never_collide(tmp_path,
     cwd = os.getcwd()
     os.chdir(tmp_path)  # a ./Model here must stay untouched
     try:
-        assert test_model.main(["--checkpoint", str(path), "--evaluate", "--workers", "0"]) == 0
+        assert test_model.main(["--checkpoint", str(path), "--evaluate"]) == 0
         summary = json.loads((run_dir / "evaluation" / "test" / "summary.json").read_text())
         assert summary["checkpoint"] == str(path) and summary["epoch"] == 1
         assert summary["threshold"] == 0.5 and summary["images"] == len(splits["test"])
