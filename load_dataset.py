@@ -449,6 +449,36 @@ def split_pairs(scan_result, seed=SEED, valid_fraction=VALID_FRACTION,
     return splits
 
 
+def fold_ids(ids, k, seed=SEED):
+    """K folds of ids: sorted, shuffled with the seed, then every k-th; each id in one fold."""
+    ids = sorted(ids)
+    random.Random(seed).shuffle(ids)
+    return [sorted(ids[j::k]) for j in range(k)]
+
+
+def fold_splits(scan_result, splits, k, fold, seed=SEED, split_file=None):
+    """train/valid/test of fold `fold` of k: the training pairs (with the validation pairs when
+    those were drawn from training) fall into k seeded folds, kept in the split file; fold
+    `fold` validates, the others train. The test split is never in a fold."""
+    if not 0 <= fold < k:
+        raise SplitMismatch(f"fold {fold} does not exist: folds are numbered 0 to {k - 1}")
+    drawn_valid = not scan_result.splits.get("valid")
+    pool = {p.id: p for p in splits["train"] + (splits["valid"] if drawn_valid else [])}
+    split_file = Path(split_file) if split_file else split_file_for(scan_result.root)
+    saved = json.loads(split_file.read_text()) if split_file.exists() else {}
+    folds = fold_ids(pool, k, seed)
+    record = saved.get("folds")
+    if record and (record.get("k"), record.get("seed")) == (k, seed) and \
+            sorted(i for f in record["ids"] for i in f) != sorted(pool):
+        raise SplitMismatch(f"{split_file}: its folds do not match the pairs on disk; delete "
+                            f"it or pass --redraw-split to train_model.py")
+    if record != {"k": k, "seed": seed, "ids": folds}:
+        _write_json(split_file, {**saved, "folds": {"k": k, "seed": seed, "ids": folds}})
+    held = set(folds[fold])
+    return {"train": [pool[i] for i in sorted(pool) if i not in held],
+            "valid": [pool[i] for i in folds[fold]], "test": list(splits["test"])}
+
+
 def _read_split(split_file, train, missing):
     redraw = f"delete {split_file} or pass --redraw-split to train_model.py to draw a new split"
     try:

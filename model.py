@@ -191,6 +191,46 @@ def probabilities(model, images, device, mixed=False, channels_last=False):
     return torch.sigmoid(logits.float())[:, 0]  # sigmoid in float32, not in bfloat16
 
 
+TTA_MODES = ("none", "flips", "flips+rot90")
+
+
+def tta_views(tta, square):
+    """(transform, inverse) pairs on (N, C, H, W) tensors: the identity, then the flips, then
+    for "flips+rot90" the 90-degree turns of each (8 views of a square input in all)."""
+    def view(k, flip):
+        dims = [3] if flip else []
+
+        def forward(x):
+            x = x.flip(dims) if dims else x
+            return torch.rot90(x, k, (2, 3)) if k else x
+
+        def inverse(y):
+            y = torch.rot90(y, -k, (2, 3)) if k else y
+            return y.flip(dims) if dims else y
+        return forward, inverse
+
+    if tta == "none":
+        return [view(0, False)]
+    if tta == "flips":  # identity, horizontal, vertical (a half turn of a horizontal flip), both
+        return [view(0, False), view(0, True), view(2, True), view(2, False)]
+    if tta == "flips+rot90":
+        if not square:
+            raise SettingError("TTA='flips+rot90' needs a square IMAGE_SIZE; use 'flips'")
+        return [view(k, flip) for k in range(4) for flip in (False, True)]
+    raise SettingError(f"TTA={tta!r}: use one of {', '.join(TTA_MODES)}")
+
+
+@torch.inference_mode()
+def tta_probabilities(model, images, device, tta="none", mixed=False, channels_last=False):
+    """Mean lesion probability over the test-time views of a batch, mapped back to place."""
+    views = tta_views(tta, images.shape[-1] == images.shape[-2])
+    total = None
+    for forward, inverse in views:
+        probs = inverse(probabilities(model, forward(images), device, mixed, channels_last)[:, None])
+        total = probs if total is None else total + probs
+    return total[:, 0] / len(views)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 # the settings that shape the input: inference reads them from the checkpoint, never a constant
@@ -212,6 +252,7 @@ def checkpoint_record(model, settings, epoch, valid_iou):
         else valid_iou, "demo": settings.get("demo", False),
         "data_dir": str(Path(settings.get("data", ".")).resolve()),
         "split_file": str(settings.get("split_file", "")), "fold": settings.get("fold"),
+        "folds": settings.get("folds", 1), "seed": settings.get("seed", 42),
     }
 
 

@@ -337,6 +337,21 @@ def binarise(prob, threshold):
     return prob >= np.float32(threshold)
 
 
+def largest_region_filled(mask):
+    """The largest connected lesion region of a bool mask, its holes filled (an ISIC ground
+    truth is one filled region). An empty mask stays empty."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), 8)
+    if count <= 1:
+        return mask.astype(bool)
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    region = (labels == largest).astype(np.uint8)
+    # holes: background that does not touch the border; flood the border from outside
+    padded = np.pad(region, 1)
+    outside = padded.copy()
+    cv2.floodFill(outside, None, (0, 0), 2)
+    return ((outside[1:-1, 1:-1] != 2) | (region > 0))
+
+
 def pack_truth(truth):
     """A bool mask as (bits, (h, w)): an eighth of the bytes, for the cache and the loaders."""
     return np.packbits(truth.ravel()), tuple(truth.shape)

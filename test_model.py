@@ -18,12 +18,15 @@ from pathlib import Path
 
 # ----------------------------------------------------------------------------- settings
 MODEL_DIR = "Model"                # the newest *.pth under it is the default checkpoint
-CHECKPOINT = None                  # a checkpoint path; None: the newest best model in MODEL_DIR
+CHECKPOINT = None                  # checkpoint path(s) or folder(s): several are an ensemble
+                                   #   (mean probability); None: the newest best model in MODEL_DIR
 OUT_DIR = None                     # None: beside the checkpoint, in predictions/ (single images)
                                    #   and evaluation/<split>/, evaluation/threshold_<split>/
 EVALUATE_SPLIT = "test"            # split scored by --evaluate
 ANALYSIS_SPLIT = "valid"           # split of --threshold-analysis (never tune on test)
 THRESHOLD = None                   # None: the threshold stored in the checkpoint (train_model's)
+TTA = "none"                       # test-time views averaged: "none", "flips", "flips+rot90"
+POSTPROCESS = False                # keep the largest lesion region, holes filled
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95, the analysis grid
 BEST_BY = "iou"                    # score the analysis maximises: "iou" or "threshold_jaccard"
 HISTOGRAM_BINS = 100               # bins of the probability histogram over [0, 1]
@@ -67,18 +70,73 @@ def find_checkpoint(model_dir):
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
-def predict_batch(model, images, device):
+def predict_batch(model, images, device, tta="none"):
     """Probabilities (N, h, w) float32 numpy at network size for a (N, 3, H, W) batch."""
-    return model_lib.probabilities(model, images, device, MIXED_PRECISION and
-                                   device.type == "cuda", CHANNELS_LAST and
-                                   device.type == "cuda").cpu().numpy()
+    cuda = device.type == "cuda"
+    return model_lib.tta_probabilities(model, images, device, tta, MIXED_PRECISION and cuda,
+                                       CHANNELS_LAST and cuda).cpu().numpy()
 
 
-def predict(model, ckpt, image_path, device, exif=True, hw=None):
+def predict(model, ckpt, image_path, device, exif=True, hw=None, tta="none"):
     """Probability map (float32) of one image at its size as read (or at `hw`)."""
     settings = model_lib.input_settings(ckpt)
     tensor, read_hw = preprocess.eval_input(image_path, settings, exif=exif)
-    return preprocess.prob_to_original(predict_batch(model, tensor, device)[0], hw or read_hw)
+    return preprocess.prob_to_original(predict_batch(model, tensor, device, tta)[0],
+                                       hw or read_hw)
+
+
+class Predictor:
+    """One checkpoint, or an ensemble of several, with test-time views: the mean lesion
+    probability over every member and view, each member with its own preprocessing."""
+
+    def __init__(self, members, device, tta="none"):
+        self.members = list(members)  # [(model, checkpoint dict, path)]
+        self.device, self.tta = device, tta
+        self.ckpt, self.path = self.members[0][1], self.members[0][2]
+        self.settings = model_lib.input_settings(self.ckpt)
+
+    def name(self):
+        return Path(self.path).name if len(self.members) == 1 else \
+            f"ensemble of {len(self.members)} ({Path(self.path).parent})"
+
+    def batch(self, images, pairs):
+        """(N, h, w) at the first member's network size, for the loader's batch of `pairs`."""
+        total = 0
+        for model, ckpt, _ in self.members:
+            settings = model_lib.input_settings(ckpt)
+            x = images if settings == self.settings else torch.cat(
+                [preprocess.eval_input(p.image, settings, p.exif)[0] for p in pairs])
+            probs = torch.from_numpy(predict_batch(model, x, self.device, self.tta))
+            if tuple(probs.shape[-2:]) != tuple(self.settings.size_hw):
+                probs = torch.nn.functional.interpolate(
+                    probs[:, None], size=self.settings.size_hw, mode="bilinear",
+                    align_corners=False)[:, 0]
+            total = total + probs
+        return (total / len(self.members)).numpy()
+
+    def image(self, image_path, exif=True, hw=None):
+        maps = [predict(model, ckpt, image_path, self.device, exif, hw, self.tta)
+                for model, ckpt, _ in self.members]
+        return maps[0] if len(maps) == 1 else np.mean(maps, axis=0)
+
+
+def load_predictor(paths, model_dir, device, tta="none"):
+    """A Predictor of the checkpoint files given (a folder: its best models), else the newest."""
+    files = []
+    for path in map(Path, paths or []):
+        files += sorted(p for p in path.glob("*.pth") if not p.name.endswith("_last.pth")) \
+            if path.is_dir() else [path]
+    if paths and not files:
+        raise UsageError(f"no checkpoint (*.pth) in {' '.join(map(str, paths))}")
+    files = files or [find_checkpoint(model_dir)]
+    members = [(*model_lib.load_model(p, device, CHANNELS_LAST), p) for p in files]
+    return Predictor(members, device, tta)
+
+
+def finish_mask(prob, threshold, postprocess):
+    """Lesion mask (bool) of a probability map at the size it will be scored or written."""
+    pred = preprocess.binarise(prob, threshold)
+    return preprocess.largest_region_filled(pred) if postprocess else pred
 
 
 def to_png_mask(pred):
@@ -129,7 +187,8 @@ def unique_names(paths):
 
 
 def load_split(ckpt, data, split):
-    """Pairs of a split, found as the checkpoint's training run found them (or under --data)."""
+    """Pairs of a split, found as the checkpoint's training run found them (or under --data);
+    a fold model's train and valid splits are those of its fold."""
     data_dir = Path(data or ckpt.get("data_dir") or load_dataset.DATA_DIR)
     if data or not ckpt.get("split_file"):
         split_file = load_dataset.split_file_for(data_dir)
@@ -140,7 +199,12 @@ def load_split(ckpt, data, split):
         where = "given by --data" if data else "recorded in the checkpoint"
         raise UsageError(f"no image/mask pairs under {data_dir} (the data folder {where}); "
                          f"pass --data DIR")
-    pairs = load_dataset.split_pairs(found, split_file=split_file)[split]
+    seed = ckpt.get("seed", load_dataset.SEED)
+    splits = load_dataset.split_pairs(found, seed=seed, split_file=split_file)
+    if ckpt.get("fold") is not None:
+        splits = load_dataset.fold_splits(found, splits, ckpt["folds"], ckpt["fold"], seed,
+                                          split_file)
+    pairs = splits[split]
     if not pairs:
         raise UsageError(f"the {split} split of {data_dir} is empty (no image/mask pairs); "
                          f"add data or pick another --split")
@@ -192,7 +256,7 @@ def save_overlay(image_path, prob, pred, truth, path, title, exif=True):
     plt.close(fig)
 
 
-def predict_files(model, ckpt, items, device, out, threshold, checkpoint_path):
+def predict_files(predictor, items, out, threshold, postprocess=False):
     """Mask PNG and overlay per (image, true mask or None, name); unreadable images are skipped.
 
     With no true mask, the mask is written in the orientation a viewer shows (EXIF applied);
@@ -209,12 +273,11 @@ def predict_files(model, ckpt, items, device, out, threshold, checkpoint_path):
             if truth is not None:
                 exif, _ = preprocess.pair_orientation(preprocess.image_info(image_path),
                                                       truth.shape)
-            prob = predict(model, ckpt, image_path, device, exif,
-                           truth.shape if truth is not None else None)
+            prob = predictor.image(image_path, exif, truth.shape if truth is not None else None)
         except (preprocess.ImageError, OSError) as exc:
             print(f"skipped {load_dataset.describe_error(exc, image_path)}", file=sys.stderr)
             continue
-        pred = preprocess.binarise(prob, threshold)
+        pred = finish_mask(prob, threshold, postprocess)
         mask_file, figure = out / f"{name}_segmentation.png", out / f"{name}_overlay.png"
         write_mask(to_png_mask(pred), mask_file)
         line = ""
@@ -222,7 +285,7 @@ def predict_files(model, ckpt, items, device, out, threshold, checkpoint_path):
             s = metrics.scores(*metrics.confusion(pred, truth))
             line = f"; IoU {s['iou']:.4f}, Dice {s['dice']:.4f} against {mask_path}"
         save_overlay(image_path, prob, pred, truth, figure,
-                     f"{image_path.name}  ({Path(checkpoint_path).name}, threshold {threshold:g})",
+                     f"{image_path.name}  ({predictor.name()}, threshold {threshold:g})",
                      exif)
         print(f"{image_path} ({pred.shape[1]}x{pred.shape[0]}): mask {mask_file}, "
               f"overlay {figure}{line}")
@@ -247,28 +310,28 @@ def report_replaced(out, names):
 
 # ----------------------------------------------------------------------------- a whole split
 
-def split_probabilities(model, ckpt, pairs, device, batch_size, workers, desc):
+def split_probabilities(predictor, pairs, batch_size, workers, desc):
     """Yield (pair, probability map at network size, true mask as packed bits, its (h, w)).
 
     The images and masks go through load_dataset's Dataset exactly as validation during
     training reads them (same decode, resize and normalisation, from the checkpoint)."""
-    loader = load_dataset.make_loader(pairs, model_lib.input_settings(ckpt), batch_size,
+    loader = load_dataset.make_loader(pairs, predictor.settings, batch_size,
                                       workers=workers, truth=True,
-                                      pin_memory=device.type == "cuda")
+                                      pin_memory=predictor.device.type == "cuda")
     by_id = {pair.id: pair for pair in pairs}
     with tqdm(total=len(pairs), desc=desc, unit="image") as bar:
         for batch in loader:
             if batch is None:
                 continue
             images, _, ids, truths = batch
-            for prob, pair_id, (bits, hw) in zip(predict_batch(model, images, device), ids,
-                                                 truths):
+            probs = predictor.batch(images, [by_id[i] for i in ids])
+            for prob, pair_id, (bits, hw) in zip(probs, ids, truths):
                 yield by_id[pair_id], prob, bits, hw  # unpacked in the scoring threads
                 bar.update()
 
 
-def evaluate_split(model, ckpt, pairs, device, out, threshold, batch_size=BATCH_SIZE,
-                   workers=WORKERS, split="test", checkpoint_path=""):
+def evaluate_split(predictor, pairs, out, threshold, batch_size=BATCH_SIZE, workers=WORKERS,
+                   split="test", postprocess=False):
     """ISIC-format masks of every pair in <out>/masks, per_image.csv and summary.json."""
     mask_dir = out / "masks"
     mask_dir.mkdir(parents=True, exist_ok=True)
@@ -282,13 +345,13 @@ def evaluate_split(model, ckpt, pairs, device, out, threshold, batch_size=BATCH_
 
     def score(pair, prob, bits, hw):
         truth = preprocess.unpack_truth(bits, hw)
-        pred = preprocess.binarise(preprocess.prob_to_original(prob, truth.shape), threshold)
+        pred = finish_mask(preprocess.prob_to_original(prob, truth.shape), threshold,
+                           postprocess)
         write_mask(to_png_mask(pred), mask_dir / f"{pair.id}_segmentation.png")
         return pair.id, metrics.confusion(pred, truth)
 
     rows, counts = [], []
-    probs = split_probabilities(model, ckpt, pairs, device, batch_size, workers,
-                                f"evaluate {split}")
+    probs = split_probabilities(predictor, pairs, batch_size, workers, f"evaluate {split}")
     for pair_id, confusion in preprocess.ordered_map(score, probs, max(1, workers)):
         tp, fp, fn, tn = confusion
         counts.append(confusion)
@@ -300,8 +363,10 @@ def evaluate_split(model, ckpt, pairs, device, out, threshold, batch_size=BATCH_
     write_csv(out / "per_image.csv", rows, ["id", *metrics.SCORE_NAMES, "predicted_area",
                                              "true_area"])
     summary = metrics.mean_scores(counts)
-    summary.update(split=split, checkpoint=str(checkpoint_path), epoch=ckpt.get("epoch"),
-                   threshold=threshold)
+    summary.update(split=split, checkpoint=[str(p) for _, _, p in predictor.members]
+                   if len(predictor.members) > 1 else str(predictor.path),
+                   epoch=predictor.ckpt.get("epoch"), threshold=threshold, tta=predictor.tta,
+                   postprocess=postprocess)
     preprocess.write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 
@@ -330,9 +395,8 @@ def threshold_counts(prob, truth, thresholds):
     return np.stack([lesion, background, n_lesion - lesion, n_background - background], 1)
 
 
-def threshold_analysis(model, ckpt, pairs, device, out, thresholds=THRESHOLDS,
-                       batch_size=BATCH_SIZE, workers=WORKERS, split="valid",
-                       checkpoint_path="checkpoint"):
+def threshold_analysis(predictor, pairs, out, thresholds=THRESHOLDS, batch_size=BATCH_SIZE,
+                       workers=WORKERS, split="valid"):
     """Histogram of probabilities and mean scores against the threshold, all at original size."""
     def count(pair, prob, bits, hw):
         truth = preprocess.unpack_truth(bits, hw)
@@ -343,8 +407,7 @@ def threshold_analysis(model, ckpt, pairs, device, out, thresholds=THRESHOLDS,
         return threshold_counts(big, truth, thresholds), hist
 
     per_image, hist = [], np.zeros((2, HISTOGRAM_BINS), np.int64)
-    probs = split_probabilities(model, ckpt, pairs, device, batch_size, workers,
-                                f"analyse {split}")
+    probs = split_probabilities(predictor, pairs, batch_size, workers, f"analyse {split}")
     for result in preprocess.ordered_map(count, probs, max(1, workers)):
         per_image.append(result[0])
         hist += result[1]
@@ -363,7 +426,7 @@ def threshold_analysis(model, ckpt, pairs, device, out, thresholds=THRESHOLDS,
               ["bin_start", "bin_end", "background_pixels", "lesion_pixels"])
     best = max(curve, key=lambda row: row[BEST_BY])  # the first of equal scores, as np.argmax
     plot_analysis(hist, edges, curve, best, out / "threshold_analysis.png",
-                  f"{Path(str(checkpoint_path)).name}: {split} split, {len(per_image)} images, "
+                  f"{predictor.name()}: {split} split, {len(per_image)} images, "
                   f"pixels at original resolution")
     return curve, best
 
@@ -399,13 +462,97 @@ def plot_analysis(hist, edges, curve, best, path, title):
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- variants
+
+def variant_counts(predictor, pairs, threshold, batch_size=BATCH_SIZE, workers=WORKERS,
+                   desc="variants"):
+    """{(tta, postprocess): {id: (tp, fp, fn, tn)}} without and with test-time views (the
+    predictor's, or flips) and without and with post-processing, at original size."""
+    results = {}
+    for tta in ("none", predictor.tta if predictor.tta != "none" else "flips"):
+        variant = Predictor(predictor.members, predictor.device, tta)
+
+        def count(pair, prob, bits, hw):
+            truth = preprocess.unpack_truth(bits, hw)
+            big = preprocess.prob_to_original(prob, truth.shape)
+            return pair.id, [metrics.confusion(finish_mask(big, threshold, post), truth)
+                             for post in (False, True)]
+        probs = split_probabilities(variant, pairs, batch_size, workers, f"{desc}, tta {tta}")
+        for pair_id, (plain, post) in preprocess.ordered_map(count, probs, max(1, workers)):
+            results.setdefault((tta, False), {})[pair_id] = plain
+            results.setdefault((tta, True), {})[pair_id] = post
+    return results
+
+
+def variant_name(tta, post):
+    return f"tta {tta}, " + ("largest region filled" if post else "no post-processing")
+
+
+def print_variants(counts, title):
+    print(title)
+    for (tta, post), per_id in counts.items():
+        means = metrics.mean_scores(per_id.values())
+        print(f"  {variant_name(tta, post):<45} IoU {means['iou']:.4f}  thresholded Jaccard "
+              f"{means['threshold_jaccard']:.4f}")
+
+
+def cross_validation(model_dir, device, args):
+    """Each fold model scored on its own validation fold; per-fold means, their spread, and the
+    pooled out-of-fold mean (per image), for each test-time and post-processing variant."""
+    files = sorted(p for p in Path(model_dir).glob("*_fold*.pth")
+                   if not p.name.endswith("_last.pth"))
+    if not files:
+        raise UsageError(f"no fold model (*_fold<I>.pth) in {model_dir}: train them with "
+                         f"`python train_model.py --folds K --fold I`")
+    rows, per_fold = [], {}
+    for path in files:
+        model, ckpt = model_lib.load_model(path, device, CHANNELS_LAST)
+        if ckpt.get("fold") is None:
+            continue
+        threshold = args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5)
+        predictor = Predictor([(model, ckpt, path)], device, args.tta)
+        counts = variant_counts(predictor, load_split(ckpt, args.data, "valid"), threshold,
+                                args.batch_size, args.workers, f"fold {ckpt['fold']}")
+        for variant, per_id in counts.items():
+            per_fold.setdefault(variant, {})[ckpt["fold"]] = metrics.mean_scores(per_id.values())
+            rows += [{"fold": ckpt["fold"], "id": i, "tta": variant[0],
+                      "postprocess": variant[1], **{k: round(v, 6) for k, v in
+                                                    metrics.scores(*c).items()}}
+                     for i, c in per_id.items()]
+    return summarise_folds(rows, per_fold, Path(args.out) if args.out else
+                           Path(model_dir) / "cross_validation")
+
+
+def summarise_folds(rows, per_fold, out):
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "per_image.csv", rows, ["fold", "id", "tta", "postprocess",
+                                            *metrics.SCORE_NAMES])
+    summary = {}
+    for variant, folds in per_fold.items():
+        mine = [r for r in rows if (r["tta"], r["postprocess"]) == variant]
+        pooled = {k: float(np.mean([r[k] for r in mine])) for k in ("iou", "threshold_jaccard")}
+        spread = {k: float(np.std([f[k] for f in folds.values()])) for k in pooled}
+        summary[variant_name(*variant)] = {
+            "images": len(mine), "folds": sorted(folds), "pooled": pooled,
+            "fold_std": spread, "per_fold": {str(f): {k: folds[f][k] for k in pooled}
+                                             for f in sorted(folds)}}
+        print(f"{variant_name(*variant):<45} out-of-fold IoU {pooled['iou']:.4f} "
+              f"(folds ±{spread['iou']:.4f}), thresholded Jaccard "
+              f"{pooled['threshold_jaccard']:.4f} (±{spread['threshold_jaccard']:.4f}), "
+              f"{len(mine)} images, folds {sorted(folds)}")
+    preprocess.write_text(out / "summary.json", json.dumps(summary, indent=1))
+    print(f"saved {out / 'per_image.csv'}, {out / 'summary.json'}")
+    return summary
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=CHECKPOINT,
-                   help="checkpoint; default: the newest in --model-dir")
+    p.add_argument("--checkpoint", nargs="+", default=CHECKPOINT, metavar="PATH",
+                   help="checkpoint(s) or folder(s); several: an ensemble; default: the newest "
+                        "in --model-dir")
     p.add_argument("--model-dir", default=MODEL_DIR, help="where to look for the newest checkpoint")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--image", nargs="+", metavar="PATH",
@@ -413,12 +560,18 @@ def parse_args(argv=None):
     mode.add_argument("--evaluate", action="store_true", help="score every image of --split")
     mode.add_argument("--threshold-analysis", action="store_true",
                       help="probability histogram and scores against the threshold on --split")
+    mode.add_argument("--cross-validation", nargs="?", const=MODEL_DIR, default=None,
+                      metavar="MODEL_DIR", help="score each fold model on its own fold")
     p.add_argument("--split", choices=["test", "valid", "train"], default=None,
                    help=f"{EVALUATE_SPLIT} for --evaluate, {ANALYSIS_SPLIT} for the analysis")
     p.add_argument("--data", default=None, help="data folder; default: the checkpoint's")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--threshold", type=float, default=THRESHOLD,
                    help="lesion probability cut; default: the checkpoint's")
+    p.add_argument("--tta", default=TTA, choices=model_lib.TTA_MODES,
+                   help="test-time views whose probabilities are averaged")
+    p.add_argument("--postprocess", action="store_true", default=POSTPROCESS,
+                   help="keep the largest lesion region, holes filled")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--seed", type=int, default=SEED, help="seed of the random test image")
@@ -433,41 +586,33 @@ def run(args):
         raise UsageError(f"BATCH_SIZE={args.batch_size} must be >= 1 and "
                          f"WORKERS={args.workers} >= 0")
     device = model_lib.pick_device(args.device)
-    path = Path(args.checkpoint) if args.checkpoint else find_checkpoint(args.model_dir)
-    model, ckpt = model_lib.load_model(path, device, CHANNELS_LAST)
+    if args.cross_validation:
+        cross_validation(args.cross_validation, device, args)
+        return 0
+    predictor = load_predictor(args.checkpoint, args.model_dir, device, args.tta)
+    ckpt = predictor.ckpt
     threshold = args.threshold if args.threshold is not None else float(ckpt.get("threshold", 0.5))
-    print(f"checkpoint: {path} (FPN {ckpt['encoder']}, epoch {ckpt.get('epoch')}, valid IoU "
-          f"{float(ckpt.get('valid_iou') or 0):.4f}); device: {device.type}; "
-          f"threshold {threshold:g}")
+    for _, member, path in predictor.members:
+        print(f"checkpoint: {path} (FPN {member['encoder']}, epoch {member.get('epoch')}, valid "
+              f"IoU {float(member.get('valid_iou') or 0):.4f})")
+    print(f"device: {device.type}; threshold {threshold:g}; test-time views: {args.tta}; "
+          f"post-processing: {'largest region filled' if args.postprocess else 'none'}")
     if ckpt.get("demo"):
         print("note: this checkpoint was trained on generated demo data, not on real lesions")
     outputs = Path(args.out) if args.out else None
-    beside = path.parent  # outputs stay beside the model that made them
-
+    beside = Path(predictor.path).parent  # outputs stay beside the model that made them
     if args.threshold_analysis:
-        split = args.split or ANALYSIS_SPLIT
-        out = outputs or beside / "evaluation" / f"threshold_{split}"
-        curve, best = threshold_analysis(model, ckpt, load_split(ckpt, args.data, split), device,
-                                         out, THRESHOLDS, args.batch_size, args.workers, split,
-                                         path)
-        at = min(curve, key=lambda row: abs(row["threshold"] - threshold))
-        advice = f"; use it with --threshold {best['threshold']:g}" \
-            if abs(best["threshold"] - threshold) > 1e-9 else " (the threshold in use)"
-        print(f"best threshold on {split}: {best['threshold']:g} (mean {BEST_BY} "
-              f"{best[BEST_BY]:.4f}; {at[BEST_BY]:.4f} at {at['threshold']:g}){advice}")
-        print(f"saved {out / 'threshold_analysis.png'}, {out / 'threshold_curve.csv'}, "
-              f"{out / 'probability_histogram.csv'}")
+        analyse(predictor, args, threshold, outputs or beside / "evaluation")
     elif args.evaluate:
         split = args.split or EVALUATE_SPLIT
         out = outputs or beside / "evaluation" / split
-        summary = evaluate_split(model, ckpt, load_split(ckpt, args.data, split), device, out,
-                                 threshold, args.batch_size, args.workers, split, path)
+        summary = evaluate_split(predictor, load_split(ckpt, args.data, split), out, threshold,
+                                 args.batch_size, args.workers, split, args.postprocess)
         print(f"{split} split, {summary['images']} images, threshold {threshold:g}: " + ", ".join(
             f"{name} {summary[name]:.4f}" for name in metrics.SCORE_NAMES))
         print(f"masks: {out / 'masks'} (official score: isic-challenge-scoring segmentation "
               f"TRUTH_DIR {out / 'masks'}); {out / 'per_image.csv'}; {out / 'summary.json'}")
     else:
-        out = outputs or beside / "predictions"
         if args.image:
             items = image_files(args.image)
             if not items:
@@ -475,9 +620,29 @@ def run(args):
         else:
             pair = random.Random(args.seed).choice(load_split(ckpt, args.data, "test"))
             items = [(pair.image, pair.mask, pair.id)]
-        if not predict_files(model, ckpt, items, device, out, threshold, path):
+        if not predict_files(predictor, items, outputs or beside / "predictions", threshold,
+                             args.postprocess):
             raise UsageError("no image could be read")
     return 0
+
+
+def analyse(predictor, args, threshold, folder):
+    """The threshold sweep, then the score with and without test-time views and
+    post-processing at the threshold in use: the choices nnU-Net makes on validation data."""
+    split = args.split or ANALYSIS_SPLIT
+    out = folder if args.out else folder / f"threshold_{split}"
+    pairs = load_split(predictor.ckpt, args.data, split)
+    curve, best = threshold_analysis(predictor, pairs, out, THRESHOLDS, args.batch_size,
+                                     args.workers, split)
+    at = min(curve, key=lambda row: abs(row["threshold"] - threshold))
+    advice = f"; use it with --threshold {best['threshold']:g}" \
+        if abs(best["threshold"] - threshold) > 1e-9 else " (the threshold in use)"
+    print(f"best threshold on {split}: {best['threshold']:g} (mean {BEST_BY} "
+          f"{best[BEST_BY]:.4f}; {at[BEST_BY]:.4f} at {at['threshold']:g}){advice}")
+    print(f"saved {out / 'threshold_analysis.png'}, {out / 'threshold_curve.csv'}, "
+          f"{out / 'probability_histogram.csv'}")
+    counts = variant_counts(predictor, pairs, threshold, args.batch_size, args.workers, split)
+    print_variants(counts, f"{split} split at threshold {threshold:g}, per-image means:")
 
 
 def main(argv=None):

@@ -31,6 +31,7 @@ LR = 1e-4                          # Adam's learning rate for the first LR_DROP_
 LR_DROP_EPOCH = 25                 # epochs 1..25 run at LR, epochs 26.. at LR_AFTER_DROP
 LR_AFTER_DROP = 1e-5               # the rate after the drop
 LOSS = "dice"                      # "dice" (the paper's) or "dice+bce"
+FOLDS = 1                          # K > 1: cross-validation, one run per fold (--fold I)
 THRESHOLD = 0.5                    # probability at or above which a pixel is lesion
 SEED = 42                          # one seed for the split, the model's start and the shuffling
 WORKERS = min(8, max(1, (os.cpu_count() or 1) - 1))  # loader processes; one core left to the model
@@ -225,6 +226,9 @@ def parse_args(argv=None):
     p.add_argument("--lr-drop-epoch", type=int, default=LR_DROP_EPOCH)
     p.add_argument("--lr-after-drop", type=float, default=LR_AFTER_DROP)
     p.add_argument("--loss", default=LOSS, choices=["dice", "dice+bce"])
+    p.add_argument("--folds", type=int, default=FOLDS, help="K folds of the training pairs")
+    p.add_argument("--fold", type=int, default=None,
+                   help="with --folds K: the fold (0..K-1) that validates; the others train")
     p.add_argument("--threshold", type=float, default=THRESHOLD)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--workers", type=int, default=WORKERS)
@@ -271,6 +275,10 @@ def check_settings(args):
         raise SettingError(f"STD={args.std} must be greater than 0")
     if args.workers < 0:
         raise SettingError(f"WORKERS={args.workers} must be 0 or more")
+    if args.folds < 1 or (args.folds > 1) != (args.fold is not None) or \
+            (args.fold is not None and not 0 <= args.fold < args.folds):
+        raise SettingError(f"FOLDS={args.folds} with --fold {args.fold}: pass --fold I with "
+                           f"0 <= I < FOLDS when FOLDS > 1, and no --fold otherwise")
 
 
 def check_writable(folder):
@@ -289,6 +297,8 @@ def check_writable(folder):
 def output_paths(args):
     folder = Path(args.model_dir)
     stem = f"demo_{args.encoder}" if args.demo else args.encoder
+    if args.fold is not None:
+        stem += f"_fold{args.fold}"
     return {"best": folder / f"{stem}.pth", "last": folder / f"{stem}_last.pth",
             "log": folder / f"{stem}_log.csv", "curves": folder / f"{stem}_curves.png",
             "data_report": folder / f"{stem}_data.txt"}
@@ -313,6 +323,9 @@ def load_splits(args, report_path):
     if args.redraw_split:
         split_file.unlink(missing_ok=True)
     splits = load_dataset.split_pairs(found, seed=args.seed, split_file=split_file)
+    if args.fold is not None:
+        splits = load_dataset.fold_splits(found, splits, args.folds, args.fold, args.seed,
+                                          split_file)
     report_data(found, splits, args, report_path)
     if args.batch_size > len(splits["train"]):
         raise SettingError(f"BATCH_SIZE={args.batch_size} is larger than the training split "
@@ -512,7 +525,8 @@ def run(args):
     settings = {"encoder": args.encoder, "encoder_depth": args.encoder_depth,
                 "image_size": args.image_size, "interpolation": preprocess.INTERPOLATION,
                 "mean": args.mean, "std": args.std, "threshold": args.threshold,
-                "demo": args.demo, "data": args.data, "split_file": split_file}
+                "demo": args.demo, "data": args.data, "split_file": split_file,
+                "fold": args.fold, "folds": args.folds, "seed": args.seed}
     loaders = make_loaders(splits, args, device)
     run_epochs(model, optimizer, scaler, loaders, progress, settings, paths, args, device,
                (mixed, channels_last))

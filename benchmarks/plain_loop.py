@@ -11,9 +11,9 @@ no schedule); please do not improve it, or the comparison loses its meaning.
     python benchmarks/plain_loop.py --minutes 30 --test       # train on all folds, score test part
     python benchmarks/plain_loop.py --minutes 0.3 --per-image fold0.csv   # quick smoke run
 
-The pairs come from load_dataset.scan; a held-out test part (10 %) and K folds are drawn with
-the same rule the project uses (kfold below), so the two are scored on the same images. Scores
-are per image at the mask's own size with metrics.py (mean IoU, Dice, thresholded Jaccard).
+The pairs, the held-out test part and the K folds come from load_dataset (split_pairs and
+fold_splits), as train_model.py --fold draws them, so the two are scored on the same images.
+Scores are per image at the mask's own size with metrics.py (mean IoU, Dice, thresholded Jaccard).
 The last line printed is one JSON object with the figures, so runs can be tracked.
 """
 import argparse
@@ -40,7 +40,6 @@ import load_dataset  # noqa: E402
 import metrics  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "isic2018_task1_sample"
-TEST_FRACTION = 0.1
 
 
 # ====================================================================== THE TEXTBOOK RECIPE
@@ -101,15 +100,6 @@ def train(pairs, size_hw, minutes, max_epochs, seed):
 # ================================================================ END OF THE TEXTBOOK RECIPE
 
 
-def kfold(ids, k, seed):
-    """(test ids, [K folds of ids]): the project's rule for the held-out part and the folds."""
-    ids = sorted(ids)
-    random.Random(seed).shuffle(ids)
-    n_test = round(TEST_FRACTION * len(ids))
-    test, pool = sorted(ids[:n_test]), ids[n_test:]
-    return test, [sorted(pool[j::k]) for j in range(k)]
-
-
 def score(model, pairs, size_hw):
     """Per-image (id, confusion counts): network size in, probability back at the mask's size."""
     model.eval()
@@ -157,21 +147,21 @@ def main(argv=None):
     size_hw = tuple(args.image_size)
 
     found = load_dataset.scan(args.data)
-    pairs = sorted((p for s in found.splits.values() for p in s if p.mask is not None),
-                   key=lambda p: p.id)
-    if not pairs:
+    if not found.pair_count():
         sys.exit(f"no image/mask pairs in {args.data} ({found.layout})")
-    by_id = {p.id: p for p in pairs}
-    test_ids, folds = kfold(list(by_id), args.folds, args.seed)
+    # the project's own split and folds, so that both are scored on the same images
+    splits = load_dataset.split_pairs(found, seed=args.seed)
+    fold = load_dataset.fold_splits(found, splits, args.folds, args.fold, args.seed)
+    by_id = {p.id: p for s in fold.values() for p in s}
     if args.test:
-        train_ids, scored_ids = [i for f in folds for i in f], test_ids
+        train_ids, scored_ids = [p.id for p in fold["train"] + fold["valid"]], \
+            [p.id for p in fold["test"]]
     else:
-        train_ids = [i for j, f in enumerate(folds) if j != args.fold for i in f]
-        scored_ids = folds[args.fold]
+        train_ids, scored_ids = [p.id for p in fold["train"]], [p.id for p in fold["valid"]]
     train_pairs = [by_id[i] for i in sorted(train_ids)]
     scored_pairs = [by_id[i] for i in scored_ids]
     what = "test part" if args.test else f"fold {args.fold} of {args.folds}"
-    print(f"{len(pairs)} pairs in {args.data}: training on {len(train_pairs)}, "
+    print(f"{len(by_id)} pairs in {args.data}: training on {len(train_pairs)}, "
           f"scoring {len(scored_pairs)} ({what}); image size {size_hw[0]}x{size_hw[1]}")
 
     model, run = train(train_pairs, size_hw, args.minutes, args.epochs, args.seed)

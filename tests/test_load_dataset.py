@@ -1,6 +1,7 @@
 """load_dataset.py: finding, checking, pairing, splitting, the Dataset, demo data and the CLI,
 on small generated trees (plus a few real ISIC fixture pairs)."""
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -636,3 +637,27 @@ def test_cli_makes_demo_where_asked(tmp_path):
     assert run.returncode == 0, run.stderr
     assert str(tmp_path / "demo") in run.stdout
     assert len(read_demo(tmp_path / "demo")) == 3
+
+
+# ---------------------------------------------------------------------------- folds
+
+def test_folds_validate_each_training_pair_once_never_a_test_pair_and_stay_put(tmp_path):
+    root = tmp_path / "data"
+    demo_data.make_demo(root, 23, 1)
+    found = scan(root)
+    splits = split_pairs(found)
+    pool = {p.id for p in splits["train"] + splits["valid"]}  # valid was drawn from training
+    folds = [load_dataset.fold_splits(found, splits, 5, i) for i in range(5)]
+    validated = [p.id for f in folds for p in f["valid"]]
+    assert sorted(validated) == sorted(pool)  # each exactly once
+    for f in folds:
+        assert {p.id for p in f["train"]} == pool - {p.id for p in f["valid"]}
+        assert [p.id for p in f["test"]] == [p.id for p in splits["test"]]
+        assert not {p.id for p in f["test"]} & (pool | {p.id for p in f["train"]})
+    saved = json.loads(load_dataset.split_file_for(root).read_text())["folds"]
+    assert saved["ids"] == [[p.id for p in f["valid"]] for f in folds]
+    # a later run (a resume, test_model.py) reads the same folds from a fresh scan
+    again = load_dataset.fold_splits(scan(root), split_pairs(scan(root)), 5, 3)
+    assert [p.id for p in again["valid"]] == [p.id for p in folds[3]["valid"]]
+    with pytest.raises(SplitMismatch):
+        load_dataset.fold_splits(found, splits, 5, 5)

@@ -78,7 +78,7 @@ def plain_ckpt(tmp_path_factory):
                             False)
 
 
-def darkness(model, images, device):
+def darkness(model, images, device, tta="none"):
     """Stand-in for the network where a sensible mask is needed: the darker than average pixels of
     each image (the generated lesions are dark), as probabilities at network size."""
     gray = images.mean(1)
@@ -391,7 +391,8 @@ def test_exif_rotated_photo_stays_aligned_with_its_mask(tmp_path, turned_mask):
     model = model_lib.build_model("resnet18", None, 5).eval()
     ckpt = {"image_size": [64, 64]}
     out = tmp_path / "evaluation"
-    test_model.evaluate_split(model, ckpt, [pair], torch.device("cpu"), out, 0.5)
+    predictor = test_model.Predictor([(model, ckpt, "model.pth")], torch.device("cpu"))
+    test_model.evaluate_split(predictor, [pair], out, 0.5)
     written = np.asarray(Image.open(out / "masks" / f"{pair_id}_segmentation.png"))
     assert written.shape == truth.shape == (256, 192)
 
@@ -434,3 +435,63 @@ def test_outputs_go_beside_the_checkpoint_and_same_stems_never_collide(tmp_path,
         assert "note: replacing 4 earlier result file(s)" in capsys.readouterr().out
     finally:
         os.chdir(cwd)
+
+
+# ----------------------------------------------------------------------------- ensembles, TTA
+
+def test_flips_tta_is_the_mean_of_the_flipped_predictions():
+    torch.manual_seed(0)
+    net = model_lib.build_model("resnet18", None, 5).eval()
+    x, cpu = torch.randn(2, 3, 64, 96), torch.device("cpu")
+    got = model_lib.tta_probabilities(net, x, cpu, "flips")
+    views = [model_lib.probabilities(net, x.flip(dims), cpu).flip([d - 1 for d in dims])
+             for dims in ([], [3], [2], [2, 3])]
+    assert torch.allclose(got, sum(views) / 4, atol=1e-6)
+    assert not torch.allclose(got, views[0], atol=1e-4)  # the views do differ
+    with pytest.raises(model_lib.SettingError, match="square"):
+        model_lib.tta_probabilities(net, x, cpu, "flips+rot90")
+
+
+def test_post_processing_keeps_the_largest_region_with_its_holes_filled():
+    mask = np.zeros((40, 50), bool)
+    mask[5:25, 5:30] = True
+    mask[10:15, 10:15] = False  # a hole
+    mask[30:35, 40:45] = True  # a second, smaller region
+    expected = np.zeros_like(mask)
+    expected[5:25, 5:30] = True
+    assert np.array_equal(preprocess.largest_region_filled(mask), expected)
+
+
+def test_an_ensemble_of_one_checkpoint_listed_twice_equals_that_checkpoint(ckpt, demo):
+    _, _, splits = demo
+    cpu = torch.device("cpu")
+    single = test_model.load_predictor([ckpt], "Model", cpu)
+    twice = test_model.load_predictor([ckpt, ckpt], "Model", cpu)
+    assert len(twice.members) == 2
+    batch = torch.cat([preprocess.eval_input(p.image, NET_SIZE)[0] for p in splits["test"]])
+    assert np.allclose(single.batch(batch, splits["test"]), twice.batch(batch, splits["test"]),
+                       atol=1e-6)
+    image = splits["test"][0].image
+    assert np.allclose(single.image(image), twice.image(image), atol=1e-6)
+
+
+def test_cross_validation_pools_the_out_of_fold_images(tmp_path, capsys):
+    from demo_data import make_demo
+    data, out = tmp_path / "data", tmp_path / "Model"
+    make_demo(data, 20, 2)
+    tiny = ["--data", str(data), "--model-dir", str(out), "--encoder", "resnet18",
+            "--encoder-weights", "none", "--image-size", "64", "64", "--batch-size", "4",
+            "--epochs", "1", "--folds", "2", "--quiet"]
+    for fold in (0, 1):
+        assert train_model.main([*tiny, "--fold", str(fold)]) == 0
+    assert test_model.main(["--cross-validation", str(out)]) == 0
+    summary = json.loads((out / "cross_validation" / "summary.json").read_text())
+    with open(out / "cross_validation" / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    plain = summary["tta none, no post-processing"]
+    mine = [r for r in rows if r["tta"] == "none" and r["postprocess"] == "False"]
+    assert plain["images"] == len(mine) == 18  # every training pair once (the test split: 2)
+    assert len({r["id"] for r in mine}) == 18 and {r["fold"] for r in mine} == {"0", "1"}
+    assert plain["pooled"]["iou"] == pytest.approx(np.mean([float(r["iou"]) for r in mine]),
+                                                   abs=1e-6)
+    assert len(summary) == 4  # with and without flips, with and without post-processing
