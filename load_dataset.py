@@ -559,10 +559,15 @@ def sample_seed(seed, epoch, i):
 
 class EpochSampler(Sampler):
     """(epoch, i) for each index of an epoch, shuffled from (seed, epoch) alone when `shuffle`.
-    Call set_epoch before each epoch."""
+    Call set_epoch before each epoch.
 
-    def __init__(self, size, seed=0, shuffle=True):
+    Under several processes (`world` > 1) process `rank` takes every world-th index of the same
+    order. Training (`pad`) repeats the first indices so that every process steps equally
+    often, as DistributedSampler does; validation takes each index exactly once."""
+
+    def __init__(self, size, seed=0, shuffle=True, rank=0, world=1, pad=False):
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        self.rank, self.world, self.pad = rank, world, pad
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -572,10 +577,14 @@ class EpochSampler(Sampler):
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.size, generator=generator).tolist()
-        return ((self.epoch, i) for i in order)
+        order = list(order)
+        if self.pad and self.size % self.world:
+            order += order[:self.world - self.size % self.world]
+        return ((self.epoch, i) for i in order[self.rank::self.world])
 
     def __len__(self):
-        return self.size
+        total = -(-self.size // self.world) * self.world if self.pad else self.size
+        return len(range(self.rank, total, self.world))
 
 
 def collate_skip_none(batch):
@@ -591,13 +600,13 @@ def collate_skip_none(batch):
 
 
 def make_loader(pairs, settings, batch_size, workers=0, cache=None, train=False, seed=0,
-                pin_memory=False, truth=False):
+                pin_memory=False, truth=False, rank=0, world=1):
     """A DataLoader of a split: shuffled and augmented for training, in order otherwise.
 
     Workers persist across epochs; what they produce depends only on (seed, epoch, index)."""
     dataset = SegmentationDataset(pairs, settings, augment=train, cache=cache, seed=seed,
                                   truth=truth)
-    sampler = EpochSampler(len(dataset), seed, shuffle=train)
+    sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world, pad=train)
     # a generator of its own: starting workers draws a seed from it, and drawing from the
     # global one would shift the model's dropout in the first epoch a loader is used
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,

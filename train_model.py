@@ -3,6 +3,7 @@
     python train_model.py                 # the paper's settings, data in data/
     python train_model.py --demo          # a minute or a few on a laptop CPU, generated data
     python train_model.py --resume        # continue a stopped run on the same schedule
+    torchrun --nproc_per_node=4 train_model.py   # 4 GPUs, one process each (DDP)
 
 Edit the constants below for an experiment, or pass the matching flag.
 """
@@ -42,6 +43,7 @@ CHANNELS_LAST = True               # channels_last memory format, on CUDA only
 CUDNN_BENCHMARK = True             # let cuDNN pick the fastest kernels for the fixed input size
 DETERMINISTIC = False              # CUDA only: deterministic kernels, runs repeat bit for bit
                                    #   (slower; turns CUDNN_BENCHMARK off)
+SYNC_BATCHNORM = False             # under torchrun: batch-norm statistics over all processes
 
 # --demo: sized for a 2-core CPU in a minute or two; outputs under names no one takes for ISIC
 DEMO = dict(data="data/demo", model_dir="Model/demo", encoder="resnet18", encoder_weights=None,
@@ -51,6 +53,7 @@ DEMO = dict(data="data/demo", model_dir="Model/demo", encoder="resnet18", encode
 
 import numpy as np  # noqa: E402  (the settings above come first, as a reader looks for them)
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import demo_data  # noqa: E402
@@ -71,6 +74,39 @@ class NonFiniteLoss(RuntimeError):
 
 class Interrupted(Exception):
     """Ctrl-C during training; the message says which epoch the resume state holds."""
+
+
+# ----------------------------------------------------------------------------- processes
+
+def world_size():
+    """Processes training together: torchrun's WORLD_SIZE, 1 for a plain `python` run."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def main_process():
+    """Only the first process prints, writes the CSV, the figures and the checkpoints."""
+    return rank() == 0
+
+
+def gather(values):
+    """Every process's list of values, concatenated in rank order (one process: as is)."""
+    if world_size() == 1:
+        return list(values)
+    everyone = [None] * world_size()
+    dist.all_gather_object(everyone, list(values))
+    return [v for part in everyone for v in part]
+
+
+def sum_over_processes(*numbers):
+    if world_size() == 1:
+        return numbers
+    total = torch.tensor(numbers, dtype=torch.float64)
+    dist.all_reduce(total)  # gloo reduces CPU tensors; nccl would need them on the GPU
+    return tuple(total.tolist())
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -108,9 +144,12 @@ def train_one_epoch(model, loader, loss_fn, optimizer, device, epoch, iter_log, 
             logits = model(images)
         loss = loss_fn(logits.float(), masks)  # the loss in float32: float16 sums overflow
         loss_value = loss.item()  # one device sync per step, reused below
-        if not math.isfinite(loss_value):
+        # under torchrun every process learns of a NaN anywhere and stops at the same step
+        (broken,) = sum_over_processes(0.0 if math.isfinite(loss_value) else 1.0)
+        if broken:
             # before the optimiser step: the weights and every checkpoint stay as they were
-            raise NonFiniteLoss(f"the training loss became {loss_value} at epoch {epoch}, "
+            value = loss_value if not math.isfinite(loss_value) else "NaN in another process"
+            raise NonFiniteLoss(f"the training loss became {value} at epoch {epoch}, "
                                 f"step {step}; stopped before updating the model (the best "
                                 f"checkpoint is untouched). Lower LR, or turn MIXED_PRECISION "
                                 f"off.")
@@ -122,8 +161,9 @@ def train_one_epoch(model, loader, loss_fn, optimizer, device, epoch, iter_log, 
         seen += n
         iter_log.append((loss_value, metrics.mean_scores(counts.tolist())["iou"]))
         bar.set_postfix(loss=f"{total / seen:.4f}")
+    total, seen = sum_over_processes(total, seen)
     if stats is not None:
-        stats["images"] = seen
+        stats["images"] = int(seen)
     return total / max(seen, 1)
 
 
@@ -153,10 +193,12 @@ def validate(model, loader, loss_fn, device, threshold=THRESHOLD, mixed=False,
     def score(prob, bits, hw):  # in the scoring threads, beside the model
         return metrics.confusion_at_original(prob, preprocess.unpack_truth(bits, hw), threshold)
 
-    counts = list(preprocess.ordered_map(score, per_image(), threads))
+    # each process scores its share of the images; every image is counted once, everywhere
+    counts = gather(preprocess.ordered_map(score, per_image(), threads))
     result = metrics.mean_scores(counts)
-    seen = sum(n for _, n in losses)
-    result["loss"] = sum(loss * n for loss, n in losses) / seen if seen else float("nan")
+    total, seen = sum_over_processes(sum(loss * n for loss, n in losses),
+                                     sum(n for _, n in losses))
+    result["loss"] = total / seen if seen else float("nan")
     return result
 
 
@@ -286,7 +328,7 @@ def check_writable(folder):
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
+        probe = folder / f".write_test.{os.getpid()}"  # one per process under torchrun
         probe.write_bytes(b"0" * 1024)
         probe.unlink()
     except OSError as exc:
@@ -312,7 +354,23 @@ def input_settings(args):
 # ----------------------------------------------------------------------------- data
 
 def load_splits(args, report_path):
-    """Scan the data, draw (or read) the split, report corrected and skipped files."""
+    """Scan the data, draw (or read) the split, report corrected and skipped files.
+
+    Under torchrun the first process does it first and fills the cache, so that the memo,
+    the split file and the cache entries are written once; the others then read them."""
+    if not main_process():
+        dist.barrier()
+    found, splits, split_file = scan_and_split(args, report_path)
+    if main_process() and world_size() > 1:
+        if args.cache:
+            preprocess.PreprocessCache(load_dataset.cache_dir_for(args.data),
+                                       args.image_size).build(splits["train"] + splits["valid"],
+                                                              progress=not args.quiet)
+        dist.barrier()
+    return found, splits, split_file
+
+
+def scan_and_split(args, report_path):
     if args.demo and not any(Path(args.data).glob("*Training_Input*")):
         print(f"making demo data in {args.data} ...")
         demo_data.make_demo(args.data)
@@ -326,7 +384,8 @@ def load_splits(args, report_path):
     if args.fold is not None:
         splits = load_dataset.fold_splits(found, splits, args.folds, args.fold, args.seed,
                                           split_file)
-    report_data(found, splits, args, report_path)
+    if main_process():
+        report_data(found, splits, args, report_path)
     if args.batch_size > len(splits["train"]):
         raise SettingError(f"BATCH_SIZE={args.batch_size} is larger than the training split "
                            f"({len(splits['train'])} images)")
@@ -362,12 +421,30 @@ def make_loaders(splits, args, device):
                                            args.image_size)
     common = dict(settings=input_settings(args), batch_size=args.batch_size,
                   workers=args.workers, cache=cache, seed=args.seed,
-                  pin_memory=device.type == "cuda")
+                  pin_memory=device.type == "cuda", rank=rank(), world=world_size())
     return (load_dataset.make_loader(splits["train"], train=True, **common),
             load_dataset.make_loader(splits["valid"], truth=True, **common))
 
 
 # ----------------------------------------------------------------------------- device
+
+def setup_processes(args):
+    """Under torchrun: join the process group (NCCL on CUDA, gloo on the CPU), one process per
+    GPU; rank > 0 stays silent. A plain `python train_model.py` sets nothing up."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return
+    device = model_lib.pick_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    if not main_process():
+        sys.stdout = open(os.devnull, "w")  # one console: the first process speaks for all
+        args.quiet = True
+    print(f"{world} processes ({backend}, {device.type}); BATCH_SIZE={args.batch_size} per "
+          f"process, {world * args.batch_size} per step")
+
 
 def setup_device(args):
     """The device, and what runs on it: (device, mixed precision?, channels_last?)."""
@@ -375,6 +452,8 @@ def setup_device(args):
     if device.type == "cpu":
         print("device: CPU (no CUDA device in use; training is far slower than on a GPU)")
         return device, False, False
+    if world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
     print(f"device: {torch.cuda.get_device_name()}")
     torch.backends.cudnn.benchmark = CUDNN_BENCHMARK and not args.deterministic
     if args.deterministic:  # the documented cost: slower kernels, no autotuning
@@ -483,8 +562,18 @@ def check_epoch_finite(valid, model, epoch):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        return run_and_report(args)
+    finally:
+        if world_size() > 1:
+            dist.destroy_process_group()
+
+
+def run_and_report(args):
+    try:
         return run(args)
-    except (SettingError, CheckpointError, load_dataset.SplitMismatch, NonFiniteLoss) as exc:
+    except NonFiniteLoss as exc:  # every process stops at once; the first one says why
+        sys.exit(f"error: {exc}" if main_process() else 1)
+    except (SettingError, CheckpointError, load_dataset.SplitMismatch) as exc:
         sys.exit(f"error: {exc}")
     except (Interrupted, KeyboardInterrupt) as exc:
         message = str(exc) if isinstance(exc, Interrupted) else \
@@ -504,6 +593,7 @@ def main(argv=None):
 def run(args):
     """The story of a run: settings, data, model, the epochs, a summary."""
     check_settings(args)
+    setup_processes(args)
     paths = output_paths(args)
     check_writable(paths["best"].parent)
     if args.encoder_weights == "imagenet" and not args.resume:
@@ -518,10 +608,16 @@ def run(args):
         print(f"nothing to do: the run already finished its {args.epochs} epochs "
               f"(best model: {paths['best']})")
         return 0
-    warn_if_disk_low(paths["best"].parent, model)
+    if main_process():
+        warn_if_disk_low(paths["best"].parent, model)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if world_size() > 1:
+        if SYNC_BATCHNORM:  # the same Parameter objects: the optimiser still holds them
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     settings = {"encoder": args.encoder, "encoder_depth": args.encoder_depth,
                 "image_size": args.image_size, "interpolation": preprocess.INTERPOLATION,
                 "mean": args.mean, "std": args.std, "threshold": args.threshold,
@@ -553,7 +649,8 @@ def run_epochs(model, optimizer, scaler, loaders, progress, settings, paths, arg
             t0 = time.time()
             lr = lr_for_epoch(epoch, args.lr, args.lr_drop_epoch, args.lr_after_drop)
             set_lr(optimizer, lr)
-            torch.manual_seed(args.seed + epoch)  # dropout: each epoch's draws depend on it alone
+            # dropout: each epoch's (and process's) draws depend on these alone
+            torch.manual_seed(args.seed + epoch + 1_000_003 * rank())
             for loader in (train_loader, valid_loader):
                 loader.sampler.set_epoch(epoch)
             seen = {}
@@ -566,8 +663,8 @@ def run_epochs(model, optimizer, scaler, loaders, progress, settings, paths, arg
             record_epoch(epoch, lr, train_loss, valid, time.time() - t0, model, optimizer, scaler,
                          progress, settings, paths, args, title)
             saved_epoch = epoch
-            expected = len(train_loader) * args.batch_size if train_loader.drop_last \
-                else len(train_loader.dataset)
+            expected = world_size() * (len(train_loader) * args.batch_size
+                                       if train_loader.drop_last else len(train_loader.sampler))
             missing = (expected - seen["images"], len(valid_loader.dataset) - valid["images"])
             if any(missing):
                 progress["unread"] = progress.get("unread", 0) + sum(missing)
@@ -594,6 +691,9 @@ def record_epoch(epoch, lr, train_loss, valid, seconds, model, optimizer, scaler
     improved = math.isfinite(valid["iou"]) and valid["iou"] > progress["best_iou"]
     if improved:
         progress["best_iou"] = valid["iou"]
+    if not main_process():  # the same numbers everywhere; one process writes them
+        return
+    if improved:
         model_lib.save_checkpoint(model_lib.checkpoint_record(model, settings, epoch,
                                                               valid["iou"]), paths["best"])
     model_lib.save_checkpoint(resume_state(model, settings, epoch, valid["iou"], optimizer,
