@@ -2,7 +2,7 @@
 train/valid/test split and its folds, the Dataset and its loaders, the preprocessed cache.
 
     python load_dataset.py --data data      # layout found, pairs per split, corrected/skipped files
-    python load_dataset.py --data data --build-cache --image-size 320 320   # cache ahead of training
+    python load_dataset.py --data data --build-cache --image-size 320 320   # cache, ahead
     python load_dataset.py --make-demo      # write generated demo pairs to data/demo
 """
 import argparse

@@ -226,7 +226,8 @@ def tta_probabilities(model, images, device, tta="none", mixed=False, channels_l
     views = tta_views(tta, images.shape[-1] == images.shape[-2])
     total = None
     for forward, inverse in views:
-        probs = inverse(probabilities(model, forward(images), device, mixed, channels_last)[:, None])
+        probs = probabilities(model, forward(images), device, mixed, channels_last)
+        probs = inverse(probs[:, None])
         total = probs if total is None else total + probs
     return total[:, 0] / len(views)
 

@@ -149,7 +149,8 @@ def to_png_mask(pred):
 def write_mask(mask, path):
     """0/255 mask as an 8-bit grayscale (mode L) PNG, the format the ISIC scorer reads."""
     with preprocess.atomic_write(path) as tmp:
-        Image.fromarray(mask).save(tmp, format="PNG", compress_level=1)  # a 24 MP mask: fast beats small
+        # a 24 MP mask: fast beats small
+        Image.fromarray(mask).save(tmp, format="PNG", compress_level=1)
 
 
 def image_files(paths):
