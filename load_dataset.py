@@ -508,11 +508,14 @@ class SegmentationDataset(Dataset):
     the seed, the epoch and i alone, never from a loader worker's history, so a resumed run
     augments exactly as a straight one, with any number of workers."""
 
-    def __init__(self, pairs, settings, augment=False, cache=None, seed=0, truth=False):
+    def __init__(self, pairs, settings, augment=None, cache=None, seed=0, truth=False):
+        """augment: None, or a strength of preprocess.AUGMENTS (True means "full")."""
         self.pairs = list(pairs)
         self.settings = settings = preprocess.as_settings(settings)
         self.cache, self.seed, self.truth = cache, seed, truth
-        self.augment = preprocess.train_augment(settings.size_hw) if augment else None
+        strength = "full" if augment is True else augment
+        self.augment = (preprocess.train_augment(settings.size_hw, strength=strength)
+                        if strength else None)
 
     def __len__(self):
         return len(self.pairs)
@@ -600,12 +603,13 @@ def collate_skip_none(batch):
 
 
 def make_loader(pairs, settings, batch_size, workers=0, cache=None, train=False, seed=0,
-                pin_memory=False, truth=False, rank=0, world=1):
-    """A DataLoader of a split: shuffled and augmented for training, in order otherwise.
+                pin_memory=False, truth=False, rank=0, world=1, augment="full"):
+    """A DataLoader of a split: shuffled and augmented (`augment`) for training, in order
+    otherwise.
 
     Workers persist across epochs; what they produce depends only on (seed, epoch, index)."""
-    dataset = SegmentationDataset(pairs, settings, augment=train, cache=cache, seed=seed,
-                                  truth=truth)
+    dataset = SegmentationDataset(pairs, settings, augment=augment if train else None,
+                                  cache=cache, seed=seed, truth=truth)
     sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world, pad=train)
     # a generator of its own: starting workers draws a seed from it, and drawing from the
     # global one would shift the model's dropout in the first epoch a loader is used

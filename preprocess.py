@@ -271,22 +271,30 @@ def resize_pair(image, mask, size_hw, interpolation=INTERPOLATION):
     return image, mask
 
 
-def train_augment(size_hw, seed=None):
+AUGMENTS = ("full", "flips")  # train_model.AUGMENT: how strongly training images are varied
+
+
+def train_augment(size_hw, seed=None, strength="full"):
     """Random transforms for training only, applied alike to image and mask.
 
-    Lesions have no up or down, so flips and rotations are free; the colour jitter covers
-    the spread of dermoscope lighting. Masks use nearest-neighbour interpolation."""
+    Lesions have no up or down, so flips and 90-degree turns (square inputs) are free:
+    "flips" stops there. "full" adds small affine moves and colour jitter for the spread of
+    dermoscope lighting. Masks use nearest-neighbour interpolation."""
+    if strength not in AUGMENTS:
+        raise ValueError(f"augmentation {strength!r} is not one of {', '.join(AUGMENTS)}")
     h, w = size_hw
-    geometric = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    transforms = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
     if h == w:
-        geometric.append(A.RandomRotate90(p=0.5))
-    return A.Compose(geometric + [
-        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-20, 20),
-                 interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
-                 border_mode=cv2.BORDER_REFLECT_101, p=0.5),
-        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
-        A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=15, val_shift_limit=10, p=0.5),
-    ], seed=seed)
+        transforms.append(A.RandomRotate90(p=0.5))
+    if strength == "full":
+        transforms += [
+            A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-20, 20),
+                     interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                     border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
+            A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=15, val_shift_limit=10,
+                                 p=0.5)]
+    return A.Compose(transforms, seed=seed)
 
 
 def to_tensor(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -32,6 +32,8 @@ LR = 1e-4                          # Adam's learning rate for the first LR_DROP_
 LR_DROP_EPOCH = 25                 # epochs 1..25 run at LR, epochs 26.. at LR_AFTER_DROP
 LR_AFTER_DROP = 1e-5               # the rate after the drop
 LOSS = "dice"                      # "dice" (the paper's) or "dice+bce"
+AUGMENT = "full"                   # training augmentation: "full" (flips, 90-degree turns, small
+                                   #   affine moves, colour jitter) or "flips" (flips and turns)
 FOLDS = 1                          # K > 1: cross-validation, one run per fold (--fold I)
 THRESHOLD = 0.5                    # probability at or above which a pixel is lesion
 SEED = 42                          # one seed for the split, the model's start and the shuffling
@@ -268,6 +270,7 @@ def parse_args(argv=None):
     p.add_argument("--lr-drop-epoch", type=int, default=LR_DROP_EPOCH)
     p.add_argument("--lr-after-drop", type=float, default=LR_AFTER_DROP)
     p.add_argument("--loss", default=LOSS, choices=["dice", "dice+bce"])
+    p.add_argument("--augment", default=AUGMENT, choices=preprocess.AUGMENTS)
     p.add_argument("--folds", type=int, default=FOLDS, help="K folds of the training pairs")
     p.add_argument("--fold", type=int, default=None,
                    help="with --folds K: the fold (0..K-1) that validates; the others train")
@@ -422,7 +425,8 @@ def make_loaders(splits, args, device):
     common = dict(settings=input_settings(args), batch_size=args.batch_size,
                   workers=args.workers, cache=cache, seed=args.seed,
                   pin_memory=device.type == "cuda", rank=rank(), world=world_size())
-    return (load_dataset.make_loader(splits["train"], train=True, **common),
+    return (load_dataset.make_loader(splits["train"], train=True, augment=args.augment,
+                                     **common),
             load_dataset.make_loader(splits["valid"], truth=True, **common))
 
 

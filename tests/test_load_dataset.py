@@ -488,6 +488,29 @@ def test_augmented_mask_still_lines_up_and_follows_epoch_and_index(square_pair):
     assert torch.equal(dataset[(3, 0)][1], masks[3])
 
 
+def dihedral_views(t):
+    """The 8 flips and 90-degree turns of a CxHxW tensor."""
+    turns = [torch.rot90(t, k, dims=(1, 2)) for k in range(4)]
+    return turns + [torch.flip(v, dims=(2,)) for v in turns]
+
+
+def test_flips_augmentation_only_flips_and_turns_image_and_mask_together(square_pair):
+    plain = SegmentationDataset([square_pair], (64, 64))[0]
+    dataset = SegmentationDataset([square_pair], (64, 64), augment="flips", seed=3)
+    seen = set()
+    for epoch in range(16):
+        image, mask, _ = dataset[(epoch, 0)]
+        # pixel for pixel one of the 8 views, the same one for the image and its mask
+        match = [k for k, (im, m) in enumerate(zip(dihedral_views(plain[0]),
+                                                    dihedral_views(plain[1])))
+                 if torch.equal(im, image) and torch.equal(m, mask)]
+        assert match, f"epoch {epoch}: not a flip or turn of the original"
+        seen.add(match[0])
+    assert len(seen) >= 4  # and it does vary
+    with pytest.raises(ValueError, match="not one of"):
+        SegmentationDataset([square_pair], (64, 64), augment="strong")
+
+
 def test_persistent_workers_give_each_epoch_what_a_fresh_loader_gives(square_pair):
     """A resumed run starts fresh workers at epoch 3; a straight run's workers have lived
     through epochs 1 and 2. Both must load the same epoch 3."""
