@@ -499,17 +499,23 @@ def print_variants(counts, title):
 
 def cross_validation(model_dir, device, args):
     """Each fold model scored on its own validation fold; per-fold means, their spread, and the
-    pooled out-of-fold mean (per image), for each test-time and post-processing variant."""
+    pooled out-of-fold mean (per image), for each test-time and post-processing variant.
+
+    The best model of a fold was chosen on that same fold, which flatters its score a little;
+    `--last` scores each fold's last epoch instead (the resume state), which was not."""
+    last = getattr(args, "last", False)
     files = sorted(p for p in Path(model_dir).glob("*_fold*.pth")
-                   if not p.name.endswith("_last.pth"))
+                   if p.name.endswith("_last.pth") == last)
     if not files:
-        raise UsageError(f"no fold model (*_fold<I>.pth) in {model_dir}: train them with "
-                         f"`python train_model.py --folds K --fold I`")
-    rows, per_fold = [], {}
+        raise UsageError(f"no fold model (*_fold<I>{'_last' if last else ''}.pth) in "
+                         f"{model_dir}: train them with `python train_model.py --folds K "
+                         f"--fold I`")
+    rows, per_fold, scored = [], {}, {}
     for path in files:
         model, ckpt = model_lib.load_model(path, device, CHANNELS_LAST)
         if ckpt.get("fold") is None:
             continue
+        scored[str(ckpt["fold"])] = {"checkpoint": str(path), "epoch": ckpt.get("epoch")}
         threshold = args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5)
         predictor = Predictor([(model, ckpt, path)], device, args.tta)
         counts = variant_counts(predictor, load_split(ckpt, args.data, "valid"), threshold,
@@ -520,15 +526,16 @@ def cross_validation(model_dir, device, args):
                       "postprocess": variant[1], **{k: round(v, 6) for k, v in
                                                     metrics.scores(*c).items()}}
                      for i, c in per_id.items()]
-    return summarise_folds(rows, per_fold, Path(args.out) if args.out else
-                           Path(model_dir) / "cross_validation")
+    out = Path(args.out) if args.out else Path(model_dir) / (
+        "cross_validation_last" if last else "cross_validation")
+    return summarise_folds(rows, per_fold, out, scored)
 
 
-def summarise_folds(rows, per_fold, out):
+def summarise_folds(rows, per_fold, out, scored):
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "per_image.csv", rows, ["fold", "id", "tta", "postprocess",
                                             *metrics.SCORE_NAMES])
-    summary = {}
+    summary = {"checkpoints": scored}
     for variant, folds in per_fold.items():
         mine = [r for r in rows if (r["tta"], r["postprocess"]) == variant]
         pooled = {k: float(np.mean([r[k] for r in mine])) for k in ("iou", "threshold_jaccard")}
@@ -563,6 +570,8 @@ def parse_args(argv=None):
                       help="probability histogram and scores against the threshold on --split")
     mode.add_argument("--cross-validation", nargs="?", const=MODEL_DIR, default=None,
                       metavar="MODEL_DIR", help="score each fold model on its own fold")
+    p.add_argument("--last", action="store_true",
+                   help="with --cross-validation: each fold's last epoch, not its best")
     p.add_argument("--split", choices=["test", "valid", "train"], default=None,
                    help=f"{EVALUATE_SPLIT} for --evaluate, {ANALYSIS_SPLIT} for the analysis")
     p.add_argument("--data", default=None, help="data folder; default: the checkpoint's")

@@ -481,7 +481,7 @@ def test_cross_validation_pools_the_out_of_fold_images(tmp_path, capsys):
     make_demo(data, 20, 2)
     tiny = ["--data", str(data), "--model-dir", str(out), "--encoder", "resnet18",
             "--encoder-weights", "none", "--image-size", "64", "64", "--batch-size", "4",
-            "--epochs", "1", "--folds", "2", "--quiet"]
+            "--epochs", "2", "--folds", "2", "--quiet"]
     for fold in (0, 1):
         assert train_model.main([*tiny, "--fold", str(fold)]) == 0
     assert test_model.main(["--cross-validation", str(out)]) == 0
@@ -494,4 +494,13 @@ def test_cross_validation_pools_the_out_of_fold_images(tmp_path, capsys):
     assert len({r["id"] for r in mine}) == 18 and {r["fold"] for r in mine} == {"0", "1"}
     assert plain["pooled"]["iou"] == pytest.approx(np.mean([float(r["iou"]) for r in mine]),
                                                    abs=1e-6)
-    assert len(summary) == 4  # with and without flips, with and without post-processing
+    assert len(summary) == 5  # with and without flips and post-processing; the checkpoints
+    assert {f: Path(c["checkpoint"]).name for f, c in summary["checkpoints"].items()} == {
+        "0": "resnet18_fold0.pth", "1": "resnet18_fold1.pth"}
+    # --last: each fold's final epoch (not chosen on the fold it is scored on)
+    assert test_model.main(["--cross-validation", str(out), "--last"]) == 0
+    last = json.loads((out / "cross_validation_last" / "summary.json").read_text())
+    assert {f: (Path(c["checkpoint"]).name, c["epoch"])
+            for f, c in last["checkpoints"].items()} == {
+        "0": ("resnet18_fold0_last.pth", 2), "1": ("resnet18_fold1_last.pth", 2)}
+    assert last["tta none, no post-processing"]["images"] == 18
