@@ -129,7 +129,7 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, nargs=2, default=(192, 192), metavar=("H", "W"))
     p.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
     p.add_argument("--per-image", type=Path, metavar="CSV", help="write id, iou, "
-                   "threshold_jaccard per scored image")
+                   "threshold_jaccard per scored image (and the summary beside it, .json)")
     args = p.parse_args(argv)
     if args.folds < 2 or not 0 <= args.fold < args.folds:
         p.error(f"need --folds >= 2 and 0 <= --fold < --folds (got {args.fold}, {args.folds})")
@@ -182,12 +182,15 @@ def main(argv=None):
                 s = metrics.scores(*counts)
                 writer.writerow([pair_id, f"{s['iou']:.6f}", f"{s['threshold_jaccard']:.6f}"])
         print(f"per-image scores: {args.per_image}")
-    print(json.dumps({
+    result = json.dumps({
         "fold": "test" if args.test else args.fold, "folds": args.folds,
         "minutes": round(run["seconds"] / 60, 3), "epochs": round(run["epochs"], 3),
         "images_per_s": round(images_per_s, 2), "iou": round(means["iou"], 4),
         "dice": round(means["dice"], 4), "threshold_jaccard": round(means["threshold_jaccard"], 4),
-        "images": means["images"]}))
+        "images": means["images"]})
+    if args.per_image:  # beside the per-image scores, for benchmarks/compare_recipes.py
+        args.per_image.with_suffix(".json").write_text(result + "\n")
+    print(result)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,144 @@
+"""The README's 5-fold table: training recipes against the plain loop, fold by fold.
+
+    python benchmarks/compare_recipes.py --plain runs/plain runs/r128 runs/paper --last
+
+--plain is a folder of `benchmarks/plain_loop.py --fold I --per-image DIR/plain_I.csv` runs
+(each also leaves plain_I.json). Every other folder holds the fold models of one recipe
+(`train_model.py --folds K --fold I --model-dir DIR`) already scored by
+`test_model.py --cross-validation DIR` (with --last: `--cross-validation DIR --last`).
+
+Per row: the out-of-fold mean over all scored images (per image, as the ISIC scorer
+averages), the standard deviation of the fold means, and the paired difference from the
+plain loop on the same folds (mean and standard deviation over folds); then the training
+minutes per fold (validation included for the recipes) and training images per second. A
+recipe's test-time and post-processing variants are also paired against its plain variant.
+"""
+import argparse
+import csv
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+KEYS = ("iou", "threshold_jaccard")
+PLAIN_VARIANT = ("none", "False")
+
+
+def fold_means(rows):
+    """{fold: {key: mean over that fold's images}}"""
+    by_fold = {}
+    for r in rows:
+        by_fold.setdefault(int(r["fold"]), []).append(r)
+    return {f: {k: statistics.mean(float(r[k]) for r in rs) for k in KEYS}
+            for f, rs in sorted(by_fold.items())}
+
+
+def pooled(rows):
+    return {k: statistics.mean(float(r[k]) for r in rows) for k in KEYS}
+
+
+def paired(mine, theirs):
+    """(mean, std) over the shared folds of mine - theirs, per key."""
+    folds = sorted(set(mine) & set(theirs))
+    out = {}
+    for k in KEYS:
+        d = [mine[f][k] - theirs[f][k] for f in folds]
+        out[k] = (statistics.mean(d), statistics.pstdev(d)) if d else (float("nan"),) * 2
+    return out
+
+
+def read_plain(folder):
+    rows, runs = [], []
+    for path in sorted(folder.glob("plain_*.csv")):
+        fold = path.stem.split("_")[1]
+        if not fold.isdigit():
+            continue  # plain_test.csv: the test part, not a fold
+        with open(path) as f:
+            rows += [{**r, "fold": fold} for r in csv.DictReader(f)]
+        if path.with_suffix(".json").is_file():
+            runs.append(json.loads(path.with_suffix(".json").read_text()))
+    if not rows:
+        sys.exit(f"no plain_<I>.csv in {folder}: run benchmarks/plain_loop.py --fold I "
+                 f"--per-image {folder}/plain_I.csv")
+    minutes = statistics.mean(r["minutes"] for r in runs) if runs else None
+    speed = statistics.mean(r["images_per_s"] for r in runs) if runs else None
+    return rows, minutes, speed
+
+
+def read_recipe(folder, last):
+    table = folder / ("cross_validation_last" if last else "cross_validation") / "per_image.csv"
+    if not table.is_file():
+        sys.exit(f"no {table}: run python test_model.py --cross-validation {folder}"
+                 f"{' --last' if last else ''}")
+    with open(table) as f:
+        rows = list(csv.DictReader(f))
+    seconds, images = [], []
+    for log in sorted(folder.glob("*_fold*_log.csv")):
+        with open(log) as f:
+            epochs = list(csv.DictReader(f))
+        report = log.with_name(log.name.replace("_log.csv", "_data.txt"))
+        found = re.search(r"Split train: (\d+) pairs", report.read_text()) \
+            if report.is_file() else None
+        seconds.append(sum(float(e["seconds"]) for e in epochs))
+        if found:
+            images.append(int(found.group(1)) * len(epochs) / seconds[-1])
+    minutes = statistics.mean(seconds) / 60 if seconds else None
+    return rows, minutes, statistics.mean(images) if images else None
+
+
+def cell(rows, reference):
+    means = fold_means(rows)
+    spread = {k: statistics.pstdev(m[k] for m in means.values()) for k in KEYS}
+    diff = paired(means, fold_means(reference)) if reference is not None else None
+    out = []
+    for k in KEYS:
+        text = f"{pooled(rows)[k]:.3f} ± {spread[k]:.3f}"
+        if diff:
+            text += f" ({diff[k][0]:+.3f} ± {diff[k][1]:.3f})"
+        out.append(text)
+    return out
+
+
+def number(x, digits):
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--plain", type=Path, required=True, help="folder of plain-loop fold runs")
+    p.add_argument("recipes", type=Path, nargs="+", help="folders of fold models")
+    p.add_argument("--last", action="store_true", help="the recipes' last-epoch scores")
+    args = p.parse_args(argv)
+
+    plain, minutes, speed = read_plain(args.plain)
+    print("| recipe | out-of-fold IoU (vs plain) | out-of-fold thresholded Jaccard (vs plain) "
+          "| minutes per fold | images/s |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| plain loop ({args.plain}) | {' | '.join(cell(plain, None))} | "
+          f"{number(minutes, 2)} | {number(speed, 1)} |")
+    gains = []
+    for folder in args.recipes:
+        rows, minutes, speed = read_recipe(folder, args.last)
+        variants = {}
+        for r in rows:
+            variants.setdefault((r["tta"], r["postprocess"]), []).append(r)
+        base = variants.get(PLAIN_VARIANT)
+        # plain first, then post-processing, flips, both
+        for variant, mine in sorted(variants.items(), key=lambda v: (v[0][0] != "none", v[0])):
+            name = folder.name if variant == PLAIN_VARIANT else \
+                f"{folder.name}, tta {variant[0]}, post-processing {variant[1]}"
+            timing = f"{number(minutes, 2)} | {number(speed, 1)}" if variant == PLAIN_VARIANT \
+                else " | "
+            print(f"| {name} | {' | '.join(cell(mine, plain))} | {timing} |")
+            if variant != PLAIN_VARIANT and base:
+                d = paired(fold_means(mine), fold_means(base))
+                gains.append(f"{name}: over no TTA/post-processing, IoU {d['iou'][0]:+.3f} ± "
+                             f"{d['iou'][1]:.3f}, thresholded Jaccard "
+                             f"{d['threshold_jaccard'][0]:+.3f} ± "
+                             f"{d['threshold_jaccard'][1]:.3f} (paired over folds)")
+    print("\n".join([""] + gains))
+
+
+if __name__ == "__main__":
+    main()

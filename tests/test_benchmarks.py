@@ -1,0 +1,64 @@
+"""benchmarks/compare_recipes.py: the README's table from per-image scores, on known numbers."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import compare_recipes  # noqa: E402
+
+
+def write_csv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_table_pairs_each_recipe_with_the_plain_loop_fold_by_fold(tmp_path, capsys):
+    plain, recipe = tmp_path / "plain", tmp_path / "recipe"
+    # plain loop: fold 0 images 0.5 and 0.7 (mean 0.6), fold 1 one image 0.4
+    write_csv(plain / "plain_0.csv", [{"id": "a", "iou": 0.5, "threshold_jaccard": 0.0},
+                                      {"id": "b", "iou": 0.7, "threshold_jaccard": 0.7}])
+    write_csv(plain / "plain_1.csv", [{"id": "c", "iou": 0.4, "threshold_jaccard": 0.0}])
+    write_csv(plain / "plain_test.csv", [{"id": "t", "iou": 0.0, "threshold_jaccard": 0.0}])
+    for fold, minutes in ((0, 3.0), (1, 4.0)):
+        (plain / f"plain_{fold}.json").write_text(json.dumps(
+            {"minutes": minutes, "images_per_s": 5.0}))
+    # recipe: fold 0 0.6 and 0.8 (mean 0.7), fold 1 0.6; with post-processing +0.1 on fold 0
+    rows = [{"fold": 0, "id": "a", "tta": "none", "postprocess": "False", "iou": 0.6,
+             "threshold_jaccard": 0.0},
+            {"fold": 0, "id": "b", "tta": "none", "postprocess": "False", "iou": 0.8,
+             "threshold_jaccard": 0.8},
+            {"fold": 1, "id": "c", "tta": "none", "postprocess": "False", "iou": 0.6,
+             "threshold_jaccard": 0.0},
+            {"fold": 0, "id": "a", "tta": "none", "postprocess": "True", "iou": 0.7,
+             "threshold_jaccard": 0.7},
+            {"fold": 0, "id": "b", "tta": "none", "postprocess": "True", "iou": 0.9,
+             "threshold_jaccard": 0.9},
+            {"fold": 1, "id": "c", "tta": "none", "postprocess": "True", "iou": 0.6,
+             "threshold_jaccard": 0.0}]
+    write_csv(recipe / "cross_validation" / "per_image.csv", rows)
+    for fold, seconds in ((0, (60, 120)), (1, (90, 90))):
+        write_csv(recipe / f"r_fold{fold}_log.csv", [{"epoch": e + 1, "seconds": s}
+                                                     for e, s in enumerate(seconds)])
+        (recipe / f"r_fold{fold}_data.txt").write_text("Split train: 180 pairs\n")
+
+    compare_recipes.main(["--plain", str(plain), str(recipe)])
+    lines = capsys.readouterr().out.splitlines()
+    # plain: pooled (0.5+0.7+0.4)/3, fold means 0.6 and 0.4 (std 0.1); TJ (0+0.7+0)/3, fold
+    # means 0.35 and 0
+    assert "| 0.533 ± 0.100 | 0.233 ± 0.175 | 3.50 | 5.0 |" in lines[2]
+    # recipe: pooled 2.0/3, fold means 0.7 and 0.6; paired +0.1 and +0.2; 3 minutes;
+    # 180 images x 2 epochs in 180 s
+    # TJ fold means 0.4 and 0 (paired +0.05 and 0)
+    assert lines[3] == ("| recipe | 0.667 ± 0.050 (+0.150 ± 0.050) | 0.267 ± 0.200 "
+                        "(+0.025 ± 0.025) | 3.00 | 2.0 |")
+    assert lines[4].startswith("| recipe, tta none, post-processing True | 0.733 ± 0.100 "
+                               "(+0.200 ± 0.000)")
+    gain = [line for line in lines if "over no TTA" in line]
+    assert gain == ["recipe, tta none, post-processing True: over no TTA/post-processing, IoU "
+                    "+0.050 ± 0.050, thresholded Jaccard +0.200 ± 0.200 (paired over folds)"]
