@@ -139,7 +139,10 @@ def train_one_epoch(model, loader, loss_fn, optimizer, device, epoch, iter_log, 
     total, seen = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress)
     for step, batch in enumerate(bar, 1):
-        if batch is None:  # every file of the batch became unreadable
+        # every file of the batch became unreadable: skip the step, and under torchrun every
+        # process skips it, or the others would wait in the gradient all-reduce for this one
+        (empty,) = sum_over_processes(1.0 if batch is None else 0.0)
+        if empty:
             continue
         images, masks = model_lib.to_device(batch[0], device, channels_last), batch[1].to(device)
         with model_lib.autocast(device, mixed):
@@ -441,7 +444,9 @@ def setup_processes(args):
     device = model_lib.pick_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # NCCL reduces CUDA tensors only; the small counts and flags (sum_over_processes,
+    # gather) are CPU tensors and objects, which gloo carries beside it
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend)
     if not main_process():
         sys.stdout = open(os.devnull, "w")  # one console: the first process speaks for all

@@ -1,6 +1,6 @@
 """train_model.py under `torchrun --nproc_per_node=2` with gloo on the CPU: one log and one
-checkpoint, validation over every image once, an exact resume, and a NaN in one process
-stopping both."""
+checkpoint, validation over every image once, an exact resume, a NaN in one process
+stopping both, and an empty batch in one process skipped by both."""
 import csv
 import json
 import os
@@ -86,3 +86,16 @@ def test_a_nan_in_one_process_stops_both_naming_epoch_and_step(data, tmp_path):
     assert run.returncode != 0
     assert "at epoch 1, step 2" in run.stderr and "training loss became" in run.stderr
     assert not (tmp_path / "Model" / "resnet18.pth").exists()
+
+
+def test_an_empty_batch_in_one_process_is_skipped_by_both(data, tmp_path):
+    """Process 1 loses its second batch of epoch 1 (4 images): both skip that step together
+    instead of one waiting for the other in the gradient all-reduce."""
+    started = time.monotonic()
+    run = torchrun(data, tmp_path / "Model", "--epochs", "1",
+                   script="tests/empty_batch_in_process_1.py")
+    assert time.monotonic() - started < 120  # no process left waiting for a timeout
+    assert run.returncode == 0, run.stderr[-2000:]
+    # both processes skipped the step: the batch of process 0 is not counted either
+    assert "epoch 1: 8 training and 0 validation image(s) could not be read" in run.stdout
+    assert len(log_rows(tmp_path / "Model")) == 1
