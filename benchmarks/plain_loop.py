@@ -175,6 +175,7 @@ def main(argv=None):
     print(f"{what}: IoU {means['iou']:.4f}, Dice {means['dice']:.4f}, thresholded Jaccard "
           f"{means['threshold_jaccard']:.4f} over {means['images']} images")
     if args.per_image:
+        args.per_image.parent.mkdir(parents=True, exist_ok=True)
         with open(args.per_image, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["id", "iou", "threshold_jaccard"])
