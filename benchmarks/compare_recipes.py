@@ -2,6 +2,18 @@
 
     python benchmarks/compare_recipes.py --plain runs/plain runs/r128 runs/paper --last
 
+The runs behind the README's table (D: the data; two such loops at a time on 2 cores):
+
+    export OMP_NUM_THREADS=1
+    for i in 0 1 2 3 4; do
+      python benchmarks/plain_loop.py --data D --fold $i --minutes 3.7 \
+          --per-image runs/plain/plain_$i.csv
+      python train_model.py --data D --model-dir runs/r128 --folds 5 --fold $i \
+          --encoder resnet18 --encoder-weights none --image-size 128 128 --epochs 9 \
+          --lr 3e-4 --lr-drop-epoch 7 --lr-after-drop 3e-5 --workers 1 --quiet
+    done
+    python test_model.py --cross-validation runs/r128 --last
+
 --plain is a folder of `benchmarks/plain_loop.py --fold I --per-image DIR/plain_I.csv` runs
 (each also leaves plain_I.json). Every other folder holds the fold models of one recipe
 (`train_model.py --folds K --fold I --model-dir DIR`) already scored by
