@@ -595,6 +595,9 @@ def run(args):
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError(f"BATCH_SIZE={args.batch_size} must be >= 1 and "
                          f"WORKERS={args.workers} >= 0")
+    if args.last and not args.cross_validation:
+        raise UsageError("--last goes with --cross-validation; elsewhere name the files: "
+                         "--checkpoint Model/*_fold?_last.pth")
     device = model_lib.pick_device(args.device)
     if args.cross_validation:
         cross_validation(args.cross_validation, device, args)

@@ -136,13 +136,15 @@ def train_one_epoch(model, loader, loss_fn, optimizer, device, epoch, iter_log, 
     Figures 8 and 9. `stats`, when a dict, receives "images": how many were trained on (fewer
     than the loader holds when files became unreadable during the run)."""
     model.train()
-    total, seen = 0.0, 0
+    total, seen, skipped = 0.0, 0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress)
     for step, batch in enumerate(bar, 1):
         # every file of the batch became unreadable: skip the step, and under torchrun every
         # process skips it, or the others would wait in the gradient all-reduce for this one
+        # (a second small all-reduce per step beside the NaN flag below)
         (empty,) = sum_over_processes(1.0 if batch is None else 0.0)
         if empty:
+            skipped += 0 if batch is None else len(batch[0])  # read, but skipped with it
             continue
         images, masks = model_lib.to_device(batch[0], device, channels_last), batch[1].to(device)
         with model_lib.autocast(device, mixed):
@@ -166,9 +168,9 @@ def train_one_epoch(model, loader, loss_fn, optimizer, device, epoch, iter_log, 
         seen += n
         iter_log.append((loss_value, metrics.mean_scores(counts.tolist())["iou"]))
         bar.set_postfix(loss=f"{total / seen:.4f}")
-    total, seen = sum_over_processes(total, seen)
+    total, seen, skipped = sum_over_processes(total, seen, skipped)
     if stats is not None:
-        stats["images"] = int(seen)
+        stats["images"], stats["skipped"] = int(seen), int(skipped)
     return total / max(seen, 1)
 
 
@@ -674,7 +676,12 @@ def run_epochs(model, optimizer, scaler, loaders, progress, settings, paths, arg
             saved_epoch = epoch
             expected = world_size() * (len(train_loader) * args.batch_size
                                        if train_loader.drop_last else len(train_loader.sampler))
-            missing = (expected - seen["images"], len(valid_loader.dataset) - valid["images"])
+            missing = (expected - seen["images"] - seen["skipped"],
+                       len(valid_loader.dataset) - valid["images"])
+            if seen["skipped"]:
+                print(f"warning: epoch {epoch}: {seen['skipped']} training image(s) were read "
+                      f"but skipped, with a batch that came back empty in another process",
+                      flush=True)
             if any(missing):
                 progress["unread"] = progress.get("unread", 0) + sum(missing)
                 print(f"warning: epoch {epoch}: {missing[0]} training and {missing[1]} "

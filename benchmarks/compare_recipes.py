@@ -21,7 +21,8 @@ The runs behind the README's table (D: the data; two such loops at a time on 2 c
 
 Per row: the out-of-fold mean over all scored images (per image, as the ISIC scorer
 averages), the standard deviation of the fold means, and the paired difference from the
-plain loop on the same folds (mean and standard deviation over folds); then the training
+plain loop on the same folds (mean and standard deviation over folds; population standard
+deviations, as test_model.py --cross-validation reports them); then the training
 minutes per fold (validation included for the recipes) and training images per second. A
 recipe's test-time and post-processing variants are also paired against its plain variant.
 """
@@ -51,8 +52,11 @@ def pooled(rows):
 
 
 def paired(mine, theirs):
-    """(mean, std) over the shared folds of mine - theirs, per key."""
-    folds = sorted(set(mine) & set(theirs))
+    """(mean, population std) over the folds of mine - theirs, per key."""
+    if set(mine) != set(theirs):
+        sys.exit(f"the runs cover different folds ({sorted(mine)} against {sorted(theirs)}): "
+                 f"finish or remove the missing ones first")
+    folds = sorted(mine)
     out = {}
     for k in KEYS:
         d = [mine[f][k] - theirs[f][k] for f in folds]

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -62,3 +64,15 @@ def test_table_pairs_each_recipe_with_the_plain_loop_fold_by_fold(tmp_path, caps
     gain = [line for line in lines if "over no TTA" in line]
     assert gain == ["recipe, tta none, post-processing True: over no TTA/post-processing, IoU "
                     "+0.050 ± 0.050, thresholded Jaccard +0.200 ± 0.200 (paired over folds)"]
+
+
+def test_table_refuses_runs_that_cover_different_folds(tmp_path):
+    plain, recipe = tmp_path / "plain", tmp_path / "recipe"
+    for fold in (0, 1):
+        write_csv(plain / f"plain_{fold}.csv", [{"id": "a", "iou": 0.5,
+                                                  "threshold_jaccard": 0.5}])
+    write_csv(recipe / "cross_validation" / "per_image.csv",
+              [{"fold": 0, "id": "a", "tta": "none", "postprocess": "False", "iou": 0.6,
+                "threshold_jaccard": 0.6}])  # fold 1 not trained yet
+    with pytest.raises(SystemExit, match="different folds"):
+        compare_recipes.main(["--plain", str(plain), str(recipe)])

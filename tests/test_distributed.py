@@ -96,6 +96,7 @@ def test_an_empty_batch_in_one_process_is_skipped_by_both(data, tmp_path):
                    script="tests/empty_batch_in_process_1.py")
     assert time.monotonic() - started < 120  # no process left waiting for a timeout
     assert run.returncode == 0, run.stderr[-2000:]
-    # both processes skipped the step: the batch of process 0 is not counted either
-    assert "epoch 1: 8 training and 0 validation image(s) could not be read" in run.stdout
+    # both processes skipped the step: 4 images unreadable, 4 read but not trained on
+    assert "epoch 1: 4 training and 0 validation image(s) could not be read" in run.stdout
+    assert "epoch 1: 4 training image(s) were read but skipped" in run.stdout
     assert len(log_rows(tmp_path / "Model")) == 1

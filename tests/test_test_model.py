@@ -504,3 +504,5 @@ def test_cross_validation_pools_the_out_of_fold_images(tmp_path, capsys):
             for f, c in last["checkpoints"].items()} == {
         "0": ("resnet18_fold0_last.pth", 2), "1": ("resnet18_fold1_last.pth", 2)}
     assert last["tta none, no post-processing"]["images"] == 18
+    with pytest.raises(SystemExit, match="--last goes with --cross-validation"):
+        test_model.main(["--checkpoint", str(out), "--evaluate", "--last"])
