@@ -509,13 +509,12 @@ class SegmentationDataset(Dataset):
     augments exactly as a straight one, with any number of workers."""
 
     def __init__(self, pairs, settings, augment=None, cache=None, seed=0, truth=False):
-        """augment: None, or a strength of preprocess.AUGMENTS (True means "full")."""
+        """augment: None, or a strength of preprocess.AUGMENTS ("full", "flips")."""
         self.pairs = list(pairs)
         self.settings = settings = preprocess.as_settings(settings)
         self.cache, self.seed, self.truth = cache, seed, truth
-        strength = "full" if augment is True else augment
-        self.augment = (preprocess.train_augment(settings.size_hw, strength=strength)
-                        if strength else None)
+        self.augment = (preprocess.train_augment(settings.size_hw, strength=augment)
+                        if augment else None)
 
     def __len__(self):
         return len(self.pairs)

@@ -354,8 +354,7 @@ def largest_region_filled(mask):
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     region = (labels == largest).astype(np.uint8)
     # holes: background that does not touch the border; flood the border from outside
-    padded = np.pad(region, 1)
-    outside = padded.copy()
+    outside = np.pad(region, 1)
     cv2.floodFill(outside, None, (0, 0), 2)
     return ((outside[1:-1, 1:-1] != 2) | (region > 0))
 

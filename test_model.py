@@ -503,7 +503,7 @@ def cross_validation(model_dir, device, args):
 
     The best model of a fold was chosen on that same fold, which flatters its score a little;
     `--last` scores each fold's last epoch instead (the resume state), which was not."""
-    last = getattr(args, "last", False)
+    last = args.last
     files = sorted(p for p in Path(model_dir).glob("*_fold*.pth")
                    if p.name.endswith("_last.pth") == last)
     if not files:

@@ -107,7 +107,7 @@ def sum_over_processes(*numbers):
     if world_size() == 1:
         return numbers
     total = torch.tensor(numbers, dtype=torch.float64)
-    dist.all_reduce(total)  # gloo reduces CPU tensors; nccl would need them on the GPU
+    dist.all_reduce(total)  # a CPU tensor: gloo carries it (beside NCCL on CUDA runs)
     return tuple(total.tolist())
 
 
@@ -438,8 +438,8 @@ def make_loaders(splits, args, device):
 # ----------------------------------------------------------------------------- device
 
 def setup_processes(args):
-    """Under torchrun: join the process group (NCCL on CUDA, gloo on the CPU), one process per
-    GPU; rank > 0 stays silent. A plain `python train_model.py` sets nothing up."""
+    """Under torchrun: join the process group (NCCL for CUDA tensors with gloo for the small CPU
+    ones, or gloo alone on the CPU), one process per GPU; rank > 0 stays silent. A plain `python train_model.py` sets nothing up."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return

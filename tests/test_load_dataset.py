@@ -476,7 +476,7 @@ def test_dataset_yields_normalised_float_tensors_and_binary_masks(square_pair):
 
 
 def test_augmented_mask_still_lines_up_and_follows_epoch_and_index(square_pair):
-    dataset = SegmentationDataset([square_pair], (64, 64), augment=True, seed=1)
+    dataset = SegmentationDataset([square_pair], (64, 64), augment="full", seed=1)
     masks = []
     for epoch in range(6):
         image, mask, _ = dataset[(epoch, 0)]
