@@ -253,7 +253,8 @@ def checkpoint_record(model, settings, epoch, valid_iou):
         else valid_iou, "demo": settings.get("demo", False),
         "data_dir": str(Path(settings.get("data", ".")).resolve()),
         "split_file": str(settings.get("split_file", "")), "fold": settings.get("fold"),
-        "folds": settings.get("folds", 1), "seed": settings.get("seed", 42),
+        "folds": settings.get("folds", 1), "seed": settings.get("seed"),
+        "recipe": dict(settings.get("recipe", {})),  # how it was trained: LR, LOSS, AUGMENT...
     }
 
 

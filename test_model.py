@@ -200,7 +200,7 @@ def load_split(ckpt, data, split):
         where = "given by --data" if data else "recorded in the checkpoint"
         raise UsageError(f"no image/mask pairs under {data_dir} (the data folder {where}); "
                          f"pass --data DIR")
-    seed = ckpt.get("seed", load_dataset.SEED)
+    seed = load_dataset.SEED if ckpt.get("seed") is None else ckpt["seed"]
     splits = load_dataset.split_pairs(found, seed=seed, split_file=split_file)
     if ckpt.get("fold") is not None:
         splits = load_dataset.fold_splits(found, splits, ckpt["folds"], ckpt["fold"], seed,

@@ -500,6 +500,18 @@ RESUME_SETTINGS = (("encoder", "ENCODER", "--encoder"),
                    ("encoder_depth", "ENCODER_DEPTH", "--encoder-depth"),
                    ("image_size", "IMAGE_SIZE", "--image-size"),
                    ("mean", "MEAN", "--mean"), ("std", "STD", "--std"))
+# the recipe: a resume under other values would not end as the straight run does. EPOCHS may
+# change (to extend a run). States written before the recipe was saved are not checked on it.
+RESUME_RECIPE = (("seed", "SEED", "--seed"), ("folds", "FOLDS", "--folds"),
+                 ("batch_size", "BATCH_SIZE", "--batch-size"), ("lr", "LR", "--lr"),
+                 ("lr_drop_epoch", "LR_DROP_EPOCH", "--lr-drop-epoch"),
+                 ("lr_after_drop", "LR_AFTER_DROP", "--lr-after-drop"),
+                 ("loss", "LOSS", "--loss"), ("augment", "AUGMENT", "--augment"))
+
+
+def recipe(args):
+    """The training settings a resume must share, as saved in every checkpoint."""
+    return {key: getattr(args, key) for key, _, _ in RESUME_RECIPE}
 
 
 def load_resume_state(path, args):
@@ -510,8 +522,12 @@ def load_resume_state(path, args):
     if missing:
         raise CheckpointError(f"--resume: {path} is not a resume state (no {missing[0]!r}); "
                               f"delete it to start over")
-    for key, constant, flag in RESUME_SETTINGS:
-        saved, current = state.get(key), getattr(args, key)
+    saved_recipe = state.get("recipe", {})
+    for key, constant, flag in RESUME_SETTINGS + RESUME_RECIPE:
+        if (key, constant, flag) in RESUME_RECIPE and key not in saved_recipe:
+            continue
+        saved = saved_recipe[key] if key in saved_recipe else state.get(key)
+        current = getattr(args, key)
         if isinstance(current, tuple):
             saved = tuple(saved or ())
         if saved != current:
@@ -544,6 +560,10 @@ def start_training(args, paths, device, mixed):
         progress = {"start": state["epoch"] + 1, "best_iou": state["best_iou"],
                     "rows": state["history"], "iter_log": [tuple(x) for x in state["iter_log"]]}
         print(f"resuming after epoch {state['epoch']} (best valid IoU {state['best_iou']:.4f})")
+        if state.get("processes", world_size()) != world_size() and main_process():
+            print(f"note: the state was saved by a run of {state['processes']} process(es), "
+                  f"this one has {world_size()}: each process's share of an epoch changes, so "
+                  f"the run will not end exactly as a straight one would")
     return model, optimizer, scaler, progress
 
 
@@ -552,7 +572,7 @@ def resume_state(model, settings, epoch, valid_iou, optimizer, scaler, progress,
     state.update(optimizer_state=optimizer.state_dict(), best_iou=progress["best_iou"],
                  scaler_state=scaler.state_dict() if scaler is not None else None,
                  history=progress["rows"], iter_log=[list(x) for x in progress["iter_log"]],
-                 seed=args.seed, epochs=args.epochs)
+                 epochs=args.epochs, processes=world_size())
     return state
 
 
@@ -633,7 +653,8 @@ def run(args):
                 "image_size": args.image_size, "interpolation": preprocess.INTERPOLATION,
                 "mean": args.mean, "std": args.std, "threshold": args.threshold,
                 "demo": args.demo, "data": args.data, "split_file": split_file,
-                "fold": args.fold, "folds": args.folds, "seed": args.seed}
+                "fold": args.fold, "folds": args.folds, "seed": args.seed,
+                "recipe": recipe(args)}
     loaders = make_loaders(splits, args, device)
     run_epochs(model, optimizer, scaler, loaders, progress, settings, paths, args, device,
                (mixed, channels_last))

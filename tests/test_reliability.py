@@ -447,6 +447,13 @@ def test_ctrl_c_during_a_checkpoint_write_leaves_no_half_file(good_checkpoint, t
     (["--image-size", "96", "96"], {}, "IMAGE_SIZE=(64, 64), not (96, 96)"),
     (["--encoder-depth", "4"], {}, "ENCODER_DEPTH=5, not 4"),
     ([], {"encoder": "resnet34"}, "ENCODER='resnet34', not 'resnet18'"),
+    # the recipe: a resume under another one would not end as the straight run does
+    (["--lr", "3e-4"], {}, "LR=0.0001, not 0.0003"),
+    (["--lr-drop-epoch", "1"], {}, "LR_DROP_EPOCH=25, not 1"),
+    (["--batch-size", "2"], {}, "BATCH_SIZE=4, not 2"),
+    (["--loss", "dice+bce"], {}, "LOSS='dice', not 'dice+bce'"),
+    (["--augment", "flips"], {}, "AUGMENT='full', not 'flips'"),
+    (["--seed", "7"], {}, "SEED=42, not 7"),
 ])
 def test_resume_refuses_a_state_made_with_other_settings(trained, tmp_path, flags, changes,
                                                          constant):
@@ -460,6 +467,27 @@ def test_resume_refuses_a_state_made_with_other_settings(trained, tmp_path, flag
     message = stopped(data, out, "--epochs", "2", "--resume", *flags)
     assert message.startswith(f"error: --resume: {last} was made with {constant}")
     assert fingerprint(last) == before and len(read_log(out)) == 1
+
+
+def test_both_checkpoints_record_the_recipe_and_an_older_state_resumes_unchecked(trained,
+                                                                                 tmp_path,
+                                                                                 capsys):
+    data, out = fresh_trained(trained, tmp_path)
+    best, last = out / "resnet18.pth", out / "resnet18_last.pth"
+    expected = {"seed": 42, "folds": 1, "batch_size": 4, "lr": 1e-4, "lr_drop_epoch": 25,
+                "lr_after_drop": 1e-5, "loss": "dice", "augment": "full"}
+    assert model_lib.load_checkpoint(best)["recipe"] == expected
+    state = torch.load(last, weights_only=True)
+    assert state["recipe"] == expected and state["processes"] == 1
+    del state["recipe"]  # as a state saved before the recipe was recorded
+    state["processes"] = 2  # and by a run under torchrun with 2 processes
+    torch.save(state, last)
+    assert train(data, out, "--epochs", "2", "--resume", "--lr", "3e-4") == 0
+    assert ("note: the state was saved by a run of 2 process(es), this one has 1: each "
+            "process's share of an epoch changes, so the run will not end exactly as a straight "
+            "one would") in capsys.readouterr().out.splitlines()
+    assert [float(r["lr"]) for r in read_log(out)] == [1e-4, 3e-4]
+    assert model_lib.load_checkpoint(last)["recipe"]["lr"] == 3e-4
 
 
 # ----------------------------------------------------------------------------- 3. NaN / inf
