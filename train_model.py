@@ -439,7 +439,8 @@ def make_loaders(splits, args, device):
 
 def setup_processes(args):
     """Under torchrun: join the process group (NCCL for CUDA tensors with gloo for the small CPU
-    ones, or gloo alone on the CPU), one process per GPU; rank > 0 stays silent. A plain `python train_model.py` sets nothing up."""
+    ones, or gloo alone on the CPU), one process per GPU; rank > 0 stays silent. A plain
+    `python train_model.py` sets nothing up."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return
@@ -453,7 +454,8 @@ def setup_processes(args):
     if not main_process():
         sys.stdout = open(os.devnull, "w")  # one console: the first process speaks for all
         args.quiet = True
-    print(f"{world} processes ({backend}, {device.type}); BATCH_SIZE={args.batch_size} per "
+    carriers = "NCCL, with gloo for CPU tensors" if device.type == "cuda" else "gloo"
+    print(f"{world} processes on {device.type} ({carriers}); BATCH_SIZE={args.batch_size} per "
           f"process, {world * args.batch_size} per step")
 
 

@@ -48,7 +48,7 @@ def test_two_processes_write_one_log_and_validate_every_image_once(data, tmp_pat
     out = tmp_path / "Model"
     run = torchrun(data, out, "--epochs", "3")
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.splitlines()[0].startswith("2 processes (gloo, cpu)")
+    assert run.stdout.splitlines()[0].startswith("2 processes on cpu (gloo); BATCH_SIZE=")
     assert run.stdout.count("best valid IoU") == 1  # the second process stays silent
     assert sorted(p.name for p in out.iterdir()) == [
         "resnet18.pth", "resnet18_curves.png", "resnet18_data.txt", "resnet18_last.pth",
