@@ -366,8 +366,8 @@ def evaluate_split(predictor, pairs, out, threshold, batch_size=BATCH_SIZE, work
     summary = metrics.mean_scores(counts)
     summary.update(split=split, checkpoint=[str(p) for _, _, p in predictor.members]
                    if len(predictor.members) > 1 else str(predictor.path),
-                   epoch=predictor.ckpt.get("epoch"), threshold=threshold, tta=predictor.tta,
-                   postprocess=postprocess)
+                   epoch=predictor.ckpt.get("epoch"), recipe=predictor.ckpt.get("recipe"),
+                   threshold=threshold, tta=predictor.tta, postprocess=postprocess)
     preprocess.write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 

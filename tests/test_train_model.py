@@ -142,6 +142,7 @@ def test_validation_in_the_csv_is_what_evaluate_reports_with_the_checkpoints_nor
                             "--split", "valid"]) == 0
     summary = json.loads((out / "evaluation" / "valid" / "summary.json").read_text())
     assert summary["images"] == 2 and summary["epoch"] == best["epoch"]
+    assert summary["recipe"]["lr"] == 3e-3 and summary["recipe"] == best["recipe"]
     for key in ("iou", "dice", "threshold_jaccard"):
         assert summary[key] == pytest.approx(float(row[f"valid_{key}"]), abs=1e-4), key
     assert 0.0 < summary["iou"] < 1.0  # a real comparison, not two empty masks
