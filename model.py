@@ -59,7 +59,7 @@ def build_model(encoder, encoder_weights=None, depth=5):
             raise
         raise SettingError(offline_message(encoder, exc.__class__.__name__)) from None
     if encoder_weights not in (None, "imagenet"):
-        load_encoder_weights(model, encoder_weights)
+        load_encoder_weights(model, encoder_weights, encoder)
     return model
 
 
@@ -77,12 +77,15 @@ def check_hub(encoder):
 
     settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {})
     hub = settings.get("imagenet")
-    if not hub or os.environ.get("HF_HUB_OFFLINE") == "1":
-        return  # timm encoders and offline mode: smp's own error path applies
+    if not hub:
+        return  # timm encoders: smp's own error path applies
     from huggingface_hub import try_to_load_from_cache
     cached = try_to_load_from_cache(hub["repo_id"], "model.safetensors", revision=hub["revision"])
     if isinstance(cached, str):
         return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise SettingError(offline_message(encoder, "HF_HUB_OFFLINE is set and the weights are "
+                                                    "not cached"))
     reached = []
 
     def probe():
@@ -99,7 +102,7 @@ def check_hub(encoder):
         raise SettingError(offline_message(encoder, f"{HUB_HOST} cannot be reached"))
 
 
-def load_encoder_weights(model, path):
+def load_encoder_weights(model, path, encoder):
     """Load a local file of encoder weights (for machines with no internet)."""
     path = Path(path)
     if not path.is_file():
@@ -116,15 +119,26 @@ def load_encoder_weights(model, path):
     for key in ("state_dict", "model_state", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    state = {k.removeprefix("module.").removeprefix("encoder."): v for k, v in state.items()
-             if torch.is_tensor(v)}
-    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
-    heads = ("fc.", "last_linear.", "classifier.", "head.")
-    unexpected = [k for k in unexpected if not k.startswith(heads)]
+    own = model.encoder.state_dict()
+    heads = ("fc.", "last_linear.", "classifier.", "head.")  # an ImageNet classifier's
+    state = {k: v for k, v in ((k.removeprefix("module.").removeprefix("encoder."), v)
+                               for k, v in state.items() if torch.is_tensor(v))
+             if k in own or not k.startswith(heads)}
+    # batch-norm step counters: absent from some older files and unused in training
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         example = (missing or unexpected)[0]
-        raise SettingError(f"ENCODER_WEIGHTS: {path} does not fit the encoder: {len(missing)} "
-                           f"weights missing, {len(unexpected)} unexpected (e.g. {example!r})")
+        raise SettingError(f"ENCODER_WEIGHTS: {path} does not fit the {encoder} "
+                           f"encoder: {len(missing)} weights missing, {len(unexpected)} "
+                           f"unexpected (e.g. {example!r})")
+    wrong = [k for k in state if state[k].shape != own[k].shape]
+    if wrong:
+        raise SettingError(f"ENCODER_WEIGHTS: {path} does not fit the {encoder} "
+                           f"encoder: {len(wrong)} weights of another shape (e.g. {wrong[0]!r}: "
+                           f"{tuple(state[wrong[0]].shape)}, not {tuple(own[wrong[0]].shape)})")
+    # nn.Module's own loader: smp's encoders override load_state_dict and return nothing
+    torch.nn.Module.load_state_dict(model.encoder, state, strict=False)
 
 
 def make_loss(name="dice"):

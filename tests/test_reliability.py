@@ -779,3 +779,77 @@ def test_drop_epoch_at_the_last_epoch_is_noted_and_the_run_goes_on(demo_tree, tm
     assert notes == ["note: LR_DROP_EPOCH=1 is not before the last epoch (1): the learning rate "
                      "stays 0.001"]
     assert [float(r["lr"]) for r in read_log(out)] == [1e-3]
+
+
+# ----------------------------------------------------------------------------- 7. weights offline
+
+def encoder_state(encoder, seed):
+    torch.manual_seed(seed)
+    return model_lib.build_model(encoder, None, 5).encoder.state_dict()
+
+
+@pytest.mark.parametrize("form", ["pth", "encoder. prefix", "classifier head", "safetensors"])
+def test_a_local_encoder_weights_file_is_loaded_exactly(tmp_path, form):
+    source = encoder_state("resnet18", seed=3)
+    state = dict(source)
+    if form == "encoder. prefix":
+        state = {f"encoder.{k}": v for k, v in state.items()}
+    if form == "classifier head":  # as torchvision's ImageNet file has it
+        state.update({"fc.weight": torch.ones(1000, 512), "fc.bias": torch.ones(1000)})
+    path = tmp_path / ("weights.safetensors" if form == "safetensors" else "weights.pth")
+    if form == "safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    torch.manual_seed(4)  # another start: only the file can make the weights equal
+    loaded = model_lib.build_model("resnet18", str(path), 5).encoder.state_dict()
+    assert loaded.keys() == source.keys()
+    assert all(torch.equal(loaded[k], source[k]) for k in source)
+    assert not torch.equal(encoder_state("resnet18", seed=4)["conv1.weight"],
+                           source["conv1.weight"])
+
+
+def test_a_weights_file_of_another_encoder_is_refused_with_its_counts(tmp_path):
+    own, other = encoder_state("resnet18", 0), encoder_state("resnet34", 0)
+    path = tmp_path / "resnet34.pth"
+    torch.save(other, path)
+    extra = [k for k in other if k not in own]
+    with pytest.raises(model_lib.SettingError) as refused:
+        model_lib.build_model("resnet18", str(path), 5)
+    assert str(refused.value) == (f"ENCODER_WEIGHTS: {path} does not fit the resnet18 encoder: "
+                                  f"0 weights missing, {len(extra)} unexpected (e.g. "
+                                  f"{extra[0]!r})")
+    half = dict(list(own.items())[:60])
+    torch.save(half, path)
+    missing = [k for k in own if k not in half and not k.endswith("num_batches_tracked")]
+    with pytest.raises(model_lib.SettingError, match=rf"{len(missing)} weights missing, 0 "):
+        model_lib.build_model("resnet18", str(path), 5)
+    torch.save({**own, "conv1.weight": torch.zeros(64, 1, 7, 7)}, path)  # a grey-image model
+    with pytest.raises(model_lib.SettingError) as refused:
+        model_lib.build_model("resnet18", str(path), 5)
+    assert str(refused.value).endswith("1 weights of another shape (e.g. 'conv1.weight': "
+                                       "(64, 1, 7, 7), not (64, 3, 7, 7))")
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE=1", "hub unreachable"])
+def test_uncached_imagenet_weights_stop_the_run_before_the_data_scan(demo_tree, tmp_path,
+                                                                     monkeypatch, offline):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    if offline == "HF_HUB_OFFLINE=1":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        cause = "HF_HUB_OFFLINE is set and the weights are not cached"
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(model_lib, "HUB_HOST", "hub.invalid")  # a name that never resolves
+        cause = "hub.invalid cannot be reached"
+    scans = []
+    monkeypatch.setattr(load_dataset, "scan", lambda *a, **k: scans.append(a))
+    data, out = fresh(demo_tree, tmp_path), tmp_path / "Model"
+    message = stopped(data, out, "--encoder-weights", "imagenet")
+    assert message == (f"error: ENCODER_WEIGHTS='imagenet': the download of the resnet18 "
+                       f"weights failed ({cause}). Offline, pass --encoder-weights PATH with a "
+                       f"local weights file for this encoder, or --encoder-weights none to "
+                       f"train from scratch.")
+    assert scans == [] and not (data / "split.json").exists()
