@@ -441,7 +441,7 @@ class PreprocessCache:
         entry = self._entry(self.root / "truth", CACHE_VERSION, _file_key(mask_path))
         try:
             stored = np.load(entry)
-            h, w = (int(v) for v in stored[:2].view(np.uint32))
+            h, w = (int(v) for v in stored[:8].view(np.uint32))  # two uint32: 8 bytes
             bits = stored[8:]
             if bits.size != (h * w + 7) // 8:
                 raise ValueError("truncated truth entry")

@@ -78,6 +78,19 @@ def test_entry_is_rebuilt_when_the_image_file_changes(pair, tmp_path):
     np.testing.assert_array_equal(new_mask, old_mask)  # the mask did not change
 
 
+def test_a_true_mask_is_decoded_once_then_read_from_the_cache(pair, tmp_path, monkeypatch):
+    import preprocess
+    decoded = []
+    monkeypatch.setattr(preprocess, "read_mask", lambda path: decoded.append(path)
+                        or read_mask(path))
+    cache = PreprocessCache(tmp_path / ".cache", SIZE)
+    first = cache.truth(pair.mask)
+    second = PreprocessCache(tmp_path / ".cache", SIZE).truth(pair.mask)  # a later run
+    assert decoded == [pair.mask]
+    assert second[1] == first[1] == (450, 600)
+    np.testing.assert_array_equal(preprocess.unpack_truth(*second), read_mask(pair.mask) > 0)
+
+
 def test_entry_is_rebuilt_when_the_mask_file_changes(pair, tmp_path):
     cache = PreprocessCache(tmp_path / ".cache", SIZE)
     _, old_mask = cache.load(pair.image, pair.mask)
