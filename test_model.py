@@ -418,6 +418,8 @@ def threshold_analysis(predictor, pairs, out, thresholds=THRESHOLDS, batch_size=
     curve = [{"threshold": t, **metrics.mean_scores(per_image[:, i])}
              for i, t in enumerate(thresholds)]
     out.mkdir(parents=True, exist_ok=True)
+    report_replaced(out, ["threshold_curve.csv", "probability_histogram.csv",
+                          "threshold_analysis.png"])
     write_csv(out / "threshold_curve.csv", curve, ["threshold", *metrics.SCORE_NAMES, "images"])
     edges = np.linspace(0, 1, HISTOGRAM_BINS + 1)
     write_csv(out / "probability_histogram.csv",
@@ -533,6 +535,7 @@ def cross_validation(model_dir, device, args):
 
 def summarise_folds(rows, per_fold, out, scored):
     out.mkdir(parents=True, exist_ok=True)
+    report_replaced(out, ["per_image.csv", "summary.json"])
     write_csv(out / "per_image.csv", rows, ["fold", "id", "tta", "postprocess",
                                             *metrics.SCORE_NAMES])
     summary = {"checkpoints": scored}

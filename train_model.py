@@ -294,9 +294,12 @@ def parse_args(argv=None):
                    help="train on generated demo data with CPU-sized settings")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    if args.demo:  # demo settings replace only what the user left at its default
+    if args.demo:  # demo settings replace only what the command line does not set
+        unset = object()  # a default no flag can produce
+        p.set_defaults(**{key: unset for key in DEMO})
+        again = p.parse_args(argv)
         for key, value in DEMO.items():
-            if getattr(args, key) == p.get_default(key):
+            if getattr(again, key) is unset:
                 setattr(args, key, value)
     args.image_size, args.mean, args.std = (tuple(args.image_size), tuple(args.mean),
                                             tuple(args.std))
@@ -629,6 +632,10 @@ def run(args):
     setup_processes(args)
     paths = output_paths(args)
     check_writable(paths["best"].parent)
+    earlier = [p.name for key, p in paths.items() if key != "data_report" and p.exists()]
+    if earlier and not args.resume and main_process():
+        print(f"note: this new run replaces the earlier one in {paths['best'].parent} "
+              f"({', '.join(earlier)}); --resume would continue it instead")
     if args.encoder_weights == "imagenet" and not args.resume:
         model_lib.check_hub(args.encoder)  # offline: one line now, not after the data scan
     found, splits, split_file = load_splits(args, paths["data_report"])

@@ -254,6 +254,10 @@ def test_threshold_analysis_best_is_the_argmax_and_agrees_with_evaluate(tmp_path
     assert best == test_model.THRESHOLDS[int(np.argmax(ious))]
     assert len(set(ious)) > 3  # a curve, not a constant
     assert (out / "threshold_analysis.png").read_bytes()[:4] == b"\x89PNG"
+    assert "replacing" not in result.out
+    again = run_main(["--checkpoint", ckpt, "--threshold-analysis", "--out", out,
+                      "--workers", 0], capsys)
+    assert f"note: replacing 3 earlier result file(s) in {out}" in again.out.splitlines()
 
     with open(out / "probability_histogram.csv") as f:
         hist = list(csv.DictReader(f))
@@ -484,7 +488,9 @@ def test_cross_validation_pools_the_out_of_fold_images(tmp_path, capsys):
             "--epochs", "2", "--folds", "2", "--quiet"]
     for fold in (0, 1):
         assert train_model.main([*tiny, "--fold", str(fold)]) == 0
+    capsys.readouterr()
     assert test_model.main(["--cross-validation", str(out)]) == 0
+    assert "replacing" not in capsys.readouterr().out
     summary = json.loads((out / "cross_validation" / "summary.json").read_text())
     with open(out / "cross_validation" / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
@@ -499,6 +505,10 @@ def test_cross_validation_pools_the_out_of_fold_images(tmp_path, capsys):
         "0": "resnet18_fold0.pth", "1": "resnet18_fold1.pth"}
     # --last: each fold's final epoch (not chosen on the fold it is scored on)
     assert test_model.main(["--cross-validation", str(out), "--last"]) == 0
+    assert "replacing" not in capsys.readouterr().out  # a folder of its own
+    assert test_model.main(["--cross-validation", str(out), "--last"]) == 0
+    assert (f"note: replacing 2 earlier result file(s) in {out / 'cross_validation_last'}"
+            in capsys.readouterr().out.splitlines())
     last = json.loads((out / "cross_validation_last" / "summary.json").read_text())
     assert {f: (Path(c["checkpoint"]).name, c["epoch"])
             for f, c in last["checkpoints"].items()} == {

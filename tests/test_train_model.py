@@ -158,6 +158,34 @@ def test_finished_run_resumed_does_nothing(demo_data, tmp_path, capsys):
     assert (out / "resnet18_last.pth").stat().st_mtime_ns == before
 
 
+def test_a_new_run_over_an_earlier_one_says_so_and_a_resume_does_not(demo_data, tmp_path,
+                                                                       capsys):
+    data, out = fresh_data(demo_data, tmp_path), tmp_path / "Model"
+    assert train(data, out, "--epochs", "1") == 0
+    assert "replaces" not in capsys.readouterr().out
+    assert train(data, out, "--epochs", "1") == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if "replaces" in line] == [
+        f"note: this new run replaces the earlier one in {out} (resnet18.pth, resnet18_last.pth, "
+        f"resnet18_log.csv, resnet18_curves.png); --resume would continue it instead"]
+    assert train(data, out, "--epochs", "2", "--resume") == 0
+    assert "replaces" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], dict(epochs=8, lr=1e-3, encoder="resnet18", encoder_weights=None, data="data/demo")),
+    # a flag given with the default's own value still wins over the demo's
+    (["--epochs", "40", "--lr", "1e-4", "--encoder", "se_resnext50_32x4d", "--encoder-weights",
+      "imagenet", "--data", "data"],
+     dict(epochs=40, lr=1e-4, encoder="se_resnext50_32x4d", encoder_weights="imagenet",
+          data="data")),
+    (["--epochs", "3"], dict(epochs=3, lr=1e-3, encoder="resnet18")),
+])
+def test_demo_settings_yield_to_every_flag_on_the_command_line(flags, expected):
+    args = train_model.parse_args(["--demo", *flags])
+    assert {key: getattr(args, key) for key in expected} == expected
+    assert args.image_size == (96, 96) and args.lr_drop_epoch == 6
+
+
 def test_same_seed_same_first_epoch_loss(demo_data, tmp_path):
     data = fresh_data(demo_data, tmp_path)
     assert train(data, tmp_path / "a", "--epochs", "1") == 0
