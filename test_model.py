@@ -99,20 +99,22 @@ class Predictor:
         return Path(self.path).name if len(self.members) == 1 else \
             f"ensemble of {len(self.members)} ({Path(self.path).parent})"
 
-    def batch(self, images, pairs):
-        """(N, h, w) at the first member's network size, for the loader's batch of `pairs`."""
-        total = 0
+    def batch(self, images, pairs, hws):
+        """The maps of the loader's batch of `pairs` (original sizes `hws`), as image() gives
+        them: at network size when every member shares the first one's input settings (the
+        mean and the linear resize to the original size commute), else each member's map at
+        the original size before the mean."""
+        shared = all(model_lib.input_settings(c) == self.settings for _, c, _ in self.members)
+        total = None
         for model, ckpt, _ in self.members:
             settings = model_lib.input_settings(ckpt)
             x = images if settings == self.settings else torch.cat(
                 [preprocess.eval_input(p.image, settings, p.exif)[0] for p in pairs])
-            probs = torch.from_numpy(predict_batch(model, x, self.device, self.tta))
-            if tuple(probs.shape[-2:]) != tuple(self.settings.size_hw):
-                probs = torch.nn.functional.interpolate(
-                    probs[:, None], size=self.settings.size_hw, mode="bilinear",
-                    align_corners=False)[:, 0]
-            total = total + probs
-        return (total / len(self.members)).numpy()
+            maps = list(predict_batch(model, x, self.device, self.tta))
+            if not shared:
+                maps = [preprocess.prob_to_original(m, hw) for m, hw in zip(maps, hws)]
+            total = maps if total is None else [t + m for t, m in zip(total, maps)]
+        return [t / len(self.members) for t in total]
 
     def image(self, image_path, exif=True, hw=None):
         maps = [predict(model, ckpt, image_path, self.device, exif, hw, self.tta)
@@ -312,7 +314,7 @@ def report_replaced(out, names):
 # ----------------------------------------------------------------------------- a whole split
 
 def split_probabilities(predictor, pairs, batch_size, workers, desc):
-    """Yield (pair, probability map at network size, true mask as packed bits, its (h, w)).
+    """Yield (pair, probability map (see Predictor.batch), true mask as packed bits, its (h, w)).
 
     The images and masks go through load_dataset's Dataset exactly as validation during
     training reads them (same decode, resize and normalisation, from the checkpoint)."""
@@ -325,7 +327,8 @@ def split_probabilities(predictor, pairs, batch_size, workers, desc):
             if batch is None:
                 continue
             images, _, ids, truths = batch
-            probs = predictor.batch(images, [by_id[i] for i in ids])
+            probs = predictor.batch(images, [by_id[i] for i in ids],
+                                    [hw for _, hw in truths])
             for prob, pair_id, (bits, hw) in zip(probs, ids, truths):
                 yield by_id[pair_id], prob, bits, hw  # unpacked in the scoring threads
                 bar.update()

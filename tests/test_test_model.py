@@ -44,18 +44,17 @@ def demo(tmp_path_factory):
     return root, split_file, splits
 
 
-def write_checkpoint(path, root, split_file, demo_flag, calibrate_on=()):
+def write_checkpoint(path, root, split_file, demo_flag, calibrate_on=(), size=NET_SIZE, seed=0):
     """A checkpoint of an untrained resnet18 FPN; with calibrate_on, the output bias is shifted so
     that half the pixels of those images are lesion (a mask with both values, not a blank one)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = model_lib.build_model("resnet18", None, 5).eval()
     if calibrate_on:
-        import preprocess
-        batch = torch.cat([preprocess.eval_input(p, NET_SIZE)[0] for p in calibrate_on])
+        batch = torch.cat([preprocess.eval_input(p, size)[0] for p in calibrate_on])
         with torch.inference_mode():
             median = model(batch).median()
         model.segmentation_head[0].bias.data -= median
-    settings = {"encoder": "resnet18", "encoder_depth": 5, "image_size": NET_SIZE,
+    settings = {"encoder": "resnet18", "encoder_depth": 5, "image_size": size,
                 "threshold": 0.5, "demo": demo_flag, "data": str(root),
                 "split_file": str(split_file)}
     model_lib.save_checkpoint(model_lib.checkpoint_record(model, settings, 1, 0.5), path)
@@ -473,10 +472,35 @@ def test_an_ensemble_of_one_checkpoint_listed_twice_equals_that_checkpoint(ckpt,
     twice = test_model.load_predictor([ckpt, ckpt], "Model", cpu)
     assert len(twice.members) == 2
     batch = torch.cat([preprocess.eval_input(p.image, NET_SIZE)[0] for p in splits["test"]])
-    assert np.allclose(single.batch(batch, splits["test"]), twice.batch(batch, splits["test"]),
-                       atol=1e-6)
+    hws = [Image.open(p.image).size[::-1] for p in splits["test"]]
+    assert np.allclose(single.batch(batch, splits["test"], hws),
+                       twice.batch(batch, splits["test"], hws), atol=1e-6)
     image = splits["test"][0].image
     assert np.allclose(single.image(image), twice.image(image), atol=1e-6)
+
+
+def test_an_ensemble_of_two_image_sizes_averages_each_models_map_at_original_size(ckpt, demo,
+                                                                                 tmp_path):
+    """--evaluate's batches give each image the map --image gives it: the mean of the members'
+    maps, each resized from its own network size straight to the image's size."""
+    root, split_file, splits = demo
+    pairs, cpu = splits["test"], torch.device("cpu")
+    big = write_checkpoint(tmp_path / "big.pth", root, split_file, True,
+                           [p.image for p in pairs], size=(128, 128), seed=1)
+    ensemble = test_model.load_predictor([ckpt, big], "Model", cpu)
+    hws = [Image.open(p.image).size[::-1] for p in pairs]
+    batch = torch.cat([preprocess.eval_input(p.image, NET_SIZE)[0] for p in pairs])
+    maps = ensemble.batch(batch, pairs, hws)
+    for pair, got, hw in zip(pairs, maps, hws):
+        members = [test_model.predict(m, c, pair.image, cpu) for m, c, _ in ensemble.members]
+        expected = np.mean(members, axis=0)
+        assert got.shape == expected.shape == hw
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        np.testing.assert_allclose(ensemble.image(pair.image), expected, atol=1e-5)
+        # the big model's map squeezed through 64x64 on its way differs: not a vacuous check
+        through_small = preprocess.prob_to_original(
+            preprocess.prob_to_original(members[1], NET_SIZE), hw)
+        assert np.abs(through_small - members[1]).max() > 1e-3
 
 
 def test_cross_validation_pools_the_out_of_fold_images(tmp_path, capsys):
