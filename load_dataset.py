@@ -684,8 +684,10 @@ def main(argv=None):
         print(err, file=sys.stderr)
         return 2
     print(_split_lines(found, splits))
-    print(f"Written: the split in {split_file_for(root)}, the memo of file checks in "
-          f"{scan_memo(root)}")
+    split_file = split_file_for(root)
+    print((f"Written: the split in {split_file}, " if split_file.is_file() else
+           "Written: no split file (the official folders give all three splits), ")
+          + f"the memo of file checks in {scan_memo(root)}")
     if args.build_cache:
         return build_cache(found, tuple(args.image_size))
     return 0

@@ -630,7 +630,9 @@ def run(args):
         print(f"{split} split, {summary['images']} images, threshold {threshold:g}: " + ", ".join(
             f"{name} {summary[name]:.4f}" for name in metrics.SCORE_NAMES))
         print(f"masks: {out / 'masks'} (official score: isic-challenge-scoring segmentation "
-              f"TRUTH_DIR {out / 'masks'}); {out / 'per_image.csv'}; {out / 'summary.json'}")
+              f"TRUTH_DIR {out / 'masks'}, with TRUTH_DIR a folder of the true masks of these "
+              f"{summary['images']} images, as listed in per_image.csv); "
+              f"{out / 'per_image.csv'}; {out / 'summary.json'}")
     else:
         if args.image:
             items = image_files(args.image)

@@ -431,6 +431,23 @@ def test_official_validation_is_used_and_only_test_is_drawn(tmp_path):
     assert not set(splits["test"]) & set(splits["train"])
 
 
+def test_the_command_line_says_whether_it_wrote_a_split_file(tmp_path, capsys):
+    root = tmp_path / "data"
+    for split in ("Training", "Validation", "Test"):  # official folders: nothing to draw
+        write_isic(root, IN18.format(split), GT18.format(split),
+                   isic_ids(*range(10 * len(split), 10 * len(split) + 3)))
+    assert load_dataset.main(["--data", str(root)]) == 0
+    written = capsys.readouterr().out.splitlines()[-1]
+    assert written.startswith("Written: no split file (the official folders give all three "
+                              "splits), the memo of file checks in ")
+    assert not (root / "split.json").exists()
+    (root / "ISIC2018_Task1-2_Test_Input").rename(tmp_path / "elsewhere")  # test drawn now
+    assert load_dataset.main(["--data", str(root)]) == 0
+    written = capsys.readouterr().out.splitlines()[-1]
+    assert written.startswith(f"Written: the split in {root / 'split.json'}, the memo of ")
+    assert (root / "split.json").is_file()
+
+
 def test_three_pairs_give_one_each(tmp_path):
     found = drawn_tree(tmp_path / "data", count=3)
     assert {s: len(v) for s, v in split_pairs(found).items()} == {"train": 1, "valid": 1, "test": 1}
