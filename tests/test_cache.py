@@ -171,3 +171,28 @@ def test_a_corrupt_entry_is_rebuilt(pair, tmp_path, damage):
     np.testing.assert_array_equal(image, good_image)
     np.testing.assert_array_equal(mask, good_mask)
     assert np.load(entry).shape == (*SIZE, 4)  # and the entry on disk is whole again
+
+
+def test_build_cache_on_the_command_line_fills_what_training_reads(tmp_path, monkeypatch):
+    """`load_dataset.py --build-cache` writes the entries and true masks a run at that size then
+    reads: afterwards nothing is decoded again."""
+    import demo_data
+    import load_dataset
+    import preprocess
+    root = tmp_path / "data"
+    demo_data.make_demo(root, count=6, seed=1)
+    assert load_dataset.main(["--data", str(root), "--build-cache", "--image-size", "64",
+                              "64"]) == 0
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("decoded although the cache was built")
+    monkeypatch.setattr(preprocess, "read_image", decoded)
+    monkeypatch.setattr(preprocess, "read_mask", decoded)
+    found = load_dataset.scan(root)
+    cache = PreprocessCache(load_dataset.cache_dir_for(root), SIZE)
+    pairs = [p for split in found.splits.values() for p in split]
+    assert len(pairs) == 6
+    for p in pairs:
+        image, mask = cache.load(p.image, p.mask, p.exif)
+        assert image.shape == (64, 64, 3) and mask.shape == (64, 64)
+        cache.truth(p.mask)

@@ -454,6 +454,8 @@ def test_ctrl_c_during_a_checkpoint_write_leaves_no_half_file(good_checkpoint, t
     (["--loss", "dice+bce"], {}, "LOSS='dice', not 'dice+bce'"),
     (["--augment", "flips"], {}, "AUGMENT='full', not 'flips'"),
     (["--seed", "7"], {}, "SEED=42, not 7"),
+    (["--mean", "0.5", "0.5", "0.5"], {}, "MEAN=(0.485, 0.456, 0.406), not (0.5, 0.5, 0.5)"),
+    ([], {"recipe": {"folds": 2}}, "FOLDS=2, not 1"),  # fold 0 of 2 in the place of this run
 ])
 def test_resume_refuses_a_state_made_with_other_settings(trained, tmp_path, flags, changes,
                                                          constant):

@@ -524,6 +524,11 @@ def test_cross_validation_pools_the_out_of_fold_images(tmp_path, capsys):
     assert len({r["id"] for r in mine}) == 18 and {r["fold"] for r in mine} == {"0", "1"}
     assert plain["pooled"]["iou"] == pytest.approx(np.mean([float(r["iou"]) for r in mine]),
                                                    abs=1e-6)
+    # the per-fold means and their spread, from the same CSV
+    fold_means = [np.mean([float(r["iou"]) for r in mine if r["fold"] == f]) for f in "01"]
+    assert [plain["per_fold"][f]["iou"] for f in "01"] == pytest.approx(fold_means, abs=1e-6)
+    assert plain["fold_std"]["iou"] == pytest.approx(np.std(fold_means), abs=1e-6)
+    assert plain["fold_std"]["iou"] > 0  # two folds that differ: the spread is measured
     assert len(summary) == 5  # with and without flips and post-processing; the checkpoints
     assert {f: Path(c["checkpoint"]).name for f, c in summary["checkpoints"].items()} == {
         "0": "resnet18_fold0.pth", "1": "resnet18_fold1.pth"}
