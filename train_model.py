@@ -528,11 +528,10 @@ def load_resume_state(path, args):
         raise CheckpointError(f"--resume: {path} is not a resume state (no {missing[0]!r}); "
                               f"delete it to start over")
     saved_recipe = state.get("recipe", {})
-    for key, constant, flag in RESUME_SETTINGS + RESUME_RECIPE:
-        if (key, constant, flag) in RESUME_RECIPE and key not in saved_recipe:
-            continue
-        saved = saved_recipe[key] if key in saved_recipe else state.get(key)
-        current = getattr(args, key)
+    checks = [(state, setting) for setting in RESUME_SETTINGS] + [
+        (saved_recipe, setting) for setting in RESUME_RECIPE if setting[0] in saved_recipe]
+    for source, (key, constant, flag) in checks:
+        saved, current = source.get(key), getattr(args, key)
         if isinstance(current, tuple):
             saved = tuple(saved or ())
         if saved != current:
