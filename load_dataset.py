@@ -201,8 +201,11 @@ def _run_checks(tasks):
     chunk = max(1, min(32, len(tasks) // (processes * 8)))
     # fork as preprocess.PreprocessCache.build does; macOS cannot fork safely
     with get_context("spawn" if sys.platform == "darwin" else "fork").Pool(processes) as pool:
-        results = pool.imap(check_file, tasks, chunksize=chunk)
-        return list(tqdm(results, total=len(tasks), desc="checking files", unit="file"))
+        results = list(tqdm(pool.imap(check_file, tasks, chunksize=chunk), total=len(tasks),
+                            desc="checking files", unit="file"))
+        pool.close()  # the workers end on their own: leaving the block signals no live one
+        pool.join()
+    return results
 
 
 def _check_all(tasks, cache_file):

@@ -476,6 +476,10 @@ class PreprocessCache:
                                                 desc="caching", disable=not progress):
                 if err:
                     errors.append((image_path, err))
+            # workers that end on their own: Pool's exit would send them SIGTERM, which a
+            # handler inherited from the parent may not turn into an exit
+            pool.close()
+            pool.join()
         return errors
 
 
