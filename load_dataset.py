@@ -203,7 +203,7 @@ def _run_checks(tasks):
     with get_context("spawn" if sys.platform == "darwin" else "fork").Pool(processes) as pool:
         results = list(tqdm(pool.imap(check_file, tasks, chunksize=chunk), total=len(tasks),
                             desc="checking files", unit="file"))
-        pool.close()  # the workers end on their own: leaving the block signals no live one
+        pool.close()  # and join: so that the block's exit has no live worker to SIGTERM
         pool.join()
     return results
 
@@ -687,10 +687,10 @@ def main(argv=None):
         print(err, file=sys.stderr)
         return 2
     print(_split_lines(found, splits))
-    split_file = split_file_for(root)
-    print((f"Written: the split in {split_file}, " if split_file.is_file() else
-           "Written: no split file (the official folders give all three splits), ")
-          + f"the memo of file checks in {scan_memo(root)}")
+    official = found.splits  # a split is drawn from training as split_pairs decides
+    drawn = official.get("train") and not (official.get("valid") and official.get("test"))
+    print(f"split file: {split_file_for(root) if drawn else 'none (nothing to draw)'}; memo "
+          f"of file checks: {scan_memo(root)}")
     if args.build_cache:
         return build_cache(found, tuple(args.image_size))
     return 0

@@ -120,7 +120,8 @@ def load_encoder_weights(model, path, encoder):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     own = model.encoder.state_dict()
-    heads = ("fc.", "last_linear.", "classifier.", "head.")  # an ImageNet classifier's
+    # an ImageNet classifier's head (torchvision, pretrainedmodels, EfficientNet, MobileOne)
+    heads = ("fc.", "_fc.", "last_linear.", "classifier.", "head.", "linear.")
     state = {k: v for k, v in ((k.removeprefix("module.").removeprefix("encoder."), v)
                                for k, v in state.items() if torch.is_tensor(v))
              if k in own or not k.startswith(heads)}

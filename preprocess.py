@@ -331,7 +331,10 @@ def eval_input(path, settings, exif=True):
 # ---------------------------------------------------------------------------- the way back
 
 def prob_to_original(prob, original_hw):
-    """Probability map at network size -> float32 map at the original (h, w)."""
+    """Probability map at network size -> float32 map at the original (h, w). A tuple of maps
+    (an ensemble's members at their own sizes): the mean of each one resized."""
+    if isinstance(prob, tuple):
+        return np.mean([prob_to_original(p, original_hw) for p in prob], axis=0)
     if isinstance(prob, torch.Tensor):
         prob = prob.detach().float().cpu().numpy()
     h, w = original_hw

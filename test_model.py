@@ -99,22 +99,20 @@ class Predictor:
         return Path(self.path).name if len(self.members) == 1 else \
             f"ensemble of {len(self.members)} ({Path(self.path).parent})"
 
-    def batch(self, images, pairs, hws):
-        """The maps of the loader's batch of `pairs` (original sizes `hws`), as image() gives
-        them: at network size when every member shares the first one's input settings (the
-        mean and the linear resize to the original size commute), else each member's map at
-        the original size before the mean."""
-        shared = all(model_lib.input_settings(c) == self.settings for _, c, _ in self.members)
-        total = None
+    def batch(self, images, pairs):
+        """A map per image of the loader's batch of `pairs`, for preprocess.prob_to_original:
+        the members' mean at network size when every member shares the first one's input
+        settings (the mean and the linear resize commute), else a tuple of each member's map
+        at its own size, averaged once each is resized to the original size, as image() does."""
+        per_member = []
         for model, ckpt, _ in self.members:
             settings = model_lib.input_settings(ckpt)
             x = images if settings == self.settings else torch.cat(
                 [preprocess.eval_input(p.image, settings, p.exif)[0] for p in pairs])
-            maps = list(predict_batch(model, x, self.device, self.tta))
-            if not shared:
-                maps = [preprocess.prob_to_original(m, hw) for m, hw in zip(maps, hws)]
-            total = maps if total is None else [t + m for t, m in zip(total, maps)]
-        return [t / len(self.members) for t in total]
+            per_member.append(predict_batch(model, x, self.device, self.tta))
+        if all(model_lib.input_settings(c) == self.settings for _, c, _ in self.members):
+            return list(np.mean(per_member, axis=0))
+        return list(zip(*per_member))
 
     def image(self, image_path, exif=True, hw=None):
         maps = [predict(model, ckpt, image_path, self.device, exif, hw, self.tta)
@@ -327,8 +325,7 @@ def split_probabilities(predictor, pairs, batch_size, workers, desc):
             if batch is None:
                 continue
             images, _, ids, truths = batch
-            probs = predictor.batch(images, [by_id[i] for i in ids],
-                                    [hw for _, hw in truths])
+            probs = predictor.batch(images, [by_id[i] for i in ids])
             for prob, pair_id, (bits, hw) in zip(probs, ids, truths):
                 yield by_id[pair_id], prob, bits, hw  # unpacked in the scoring threads
                 bar.update()
@@ -369,7 +366,9 @@ def evaluate_split(predictor, pairs, out, threshold, batch_size=BATCH_SIZE, work
     summary = metrics.mean_scores(counts)
     summary.update(split=split, checkpoint=[str(p) for _, _, p in predictor.members]
                    if len(predictor.members) > 1 else str(predictor.path),
-                   epoch=predictor.ckpt.get("epoch"), recipe=predictor.ckpt.get("recipe"),
+                   epoch=predictor.ckpt.get("epoch"), recipe=[c.get("recipe") for _, c, _ in
+                                                               predictor.members]
+                   if len(predictor.members) > 1 else predictor.ckpt.get("recipe"),
                    threshold=threshold, tta=predictor.tta, postprocess=postprocess)
     preprocess.write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary

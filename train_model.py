@@ -452,12 +452,12 @@ def setup_processes(args):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # NCCL reduces CUDA tensors only; the small counts and flags (sum_over_processes,
     # gather) are CPU tensors and objects, which gloo carries beside it
-    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    backend, carriers = (("cpu:gloo,cuda:nccl", "NCCL, with gloo for CPU tensors")
+                         if device.type == "cuda" else ("gloo", "gloo"))
     dist.init_process_group(backend)
     if not main_process():
         sys.stdout = open(os.devnull, "w")  # one console: the first process speaks for all
         args.quiet = True
-    carriers = "NCCL, with gloo for CPU tensors" if device.type == "cuda" else "gloo"
     print(f"{world} processes on {device.type} ({carriers}); BATCH_SIZE={args.batch_size} per "
           f"process, {world * args.batch_size} per step")
 
@@ -504,9 +504,10 @@ def gpu_out_of_memory(exc):
 RESUME_SETTINGS = (("encoder", "ENCODER", "--encoder"),
                    ("encoder_depth", "ENCODER_DEPTH", "--encoder-depth"),
                    ("image_size", "IMAGE_SIZE", "--image-size"),
-                   ("mean", "MEAN", "--mean"), ("std", "STD", "--std"))
+                   ("mean", "MEAN", "--mean"), ("std", "STD", "--std"),
+                   ("threshold", "THRESHOLD", "--threshold"))  # which epoch is best
 # the recipe: a resume under other values would not end as the straight run does. EPOCHS may
-# change (to extend a run). States written before the recipe was saved are not checked on it.
+# change (to extend a run). States written before the recipe was saved: seed and folds only.
 RESUME_RECIPE = (("seed", "SEED", "--seed"), ("folds", "FOLDS", "--folds"),
                  ("batch_size", "BATCH_SIZE", "--batch-size"), ("lr", "LR", "--lr"),
                  ("lr_drop_epoch", "LR_DROP_EPOCH", "--lr-drop-epoch"),
@@ -527,7 +528,7 @@ def load_resume_state(path, args):
     if missing:
         raise CheckpointError(f"--resume: {path} is not a resume state (no {missing[0]!r}); "
                               f"delete it to start over")
-    saved_recipe = state.get("recipe", {})
+    saved_recipe = state.get("recipe") or {k: state[k] for k in ("seed", "folds") if k in state}
     checks = [(state, setting) for setting in RESUME_SETTINGS] + [
         (saved_recipe, setting) for setting in RESUME_RECIPE if setting[0] in saved_recipe]
     for source, (key, constant, flag) in checks:
@@ -631,10 +632,6 @@ def run(args):
     setup_processes(args)
     paths = output_paths(args)
     check_writable(paths["best"].parent)
-    earlier = [p.name for key, p in paths.items() if key != "data_report" and p.exists()]
-    if earlier and not args.resume and main_process():
-        print(f"note: this new run replaces the earlier one in {paths['best'].parent} "
-              f"({', '.join(earlier)}); --resume would continue it instead")
     if args.encoder_weights == "imagenet" and not args.resume:
         model_lib.check_hub(args.encoder)  # offline: one line now, not after the data scan
     found, splits, split_file = load_splits(args, paths["data_report"])
@@ -643,6 +640,11 @@ def run(args):
               f"({args.epochs}): the learning rate stays {args.lr:g}")
     device, mixed, channels_last = setup_device(args)
     model, optimizer, scaler, progress = start_training(args, paths, device, mixed)
+    earlier = [p.name for key, p in paths.items() if key != "data_report" and p.exists()]
+    if earlier and progress["start"] == 1 and main_process():
+        print(f"note: this new run replaces the earlier one in {paths['best'].parent} "
+              f"({', '.join(earlier)})" + ("" if args.resume else
+                                            "; --resume would continue it instead"))
     if progress["start"] > args.epochs:
         print(f"nothing to do: the run already finished its {args.epochs} epochs "
               f"(best model: {paths['best']})")

@@ -438,13 +438,12 @@ def test_the_command_line_says_whether_it_wrote_a_split_file(tmp_path, capsys):
                    isic_ids(*range(10 * len(split), 10 * len(split) + 3)))
     assert load_dataset.main(["--data", str(root)]) == 0
     written = capsys.readouterr().out.splitlines()[-1]
-    assert written.startswith("Written: no split file (the official folders give all three "
-                              "splits), the memo of file checks in ")
+    assert written.startswith("split file: none (nothing to draw); memo of file checks: ")
     assert not (root / "split.json").exists()
     (root / "ISIC2018_Task1-2_Test_Input").rename(tmp_path / "elsewhere")  # test drawn now
     assert load_dataset.main(["--data", str(root)]) == 0
     written = capsys.readouterr().out.splitlines()[-1]
-    assert written.startswith(f"Written: the split in {root / 'split.json'}, the memo of ")
+    assert written.startswith(f"split file: {root / 'split.json'}; memo of file checks: ")
     assert (root / "split.json").is_file()
 
 

@@ -456,6 +456,7 @@ def test_ctrl_c_during_a_checkpoint_write_leaves_no_half_file(good_checkpoint, t
     (["--seed", "7"], {}, "SEED=42, not 7"),
     (["--mean", "0.5", "0.5", "0.5"], {}, "MEAN=(0.485, 0.456, 0.406), not (0.5, 0.5, 0.5)"),
     ([], {"recipe": {"folds": 2}}, "FOLDS=2, not 1"),  # fold 0 of 2 in the place of this run
+    (["--threshold", "0.3"], {}, "THRESHOLD=0.5, not 0.3"),  # the best epoch's measure
 ])
 def test_resume_refuses_a_state_made_with_other_settings(trained, tmp_path, flags, changes,
                                                          constant):
@@ -471,7 +472,7 @@ def test_resume_refuses_a_state_made_with_other_settings(trained, tmp_path, flag
     assert fingerprint(last) == before and len(read_log(out)) == 1
 
 
-def test_both_checkpoints_record_the_recipe_and_an_older_state_resumes_unchecked(trained,
+def test_both_checkpoints_record_the_recipe_and_an_older_state_resumes_on_seed_and_folds(trained,
                                                                                  tmp_path,
                                                                                  capsys):
     data, out = fresh_trained(trained, tmp_path)
@@ -484,6 +485,8 @@ def test_both_checkpoints_record_the_recipe_and_an_older_state_resumes_unchecked
     del state["recipe"]  # as a state saved before the recipe was recorded
     state["processes"] = 2  # and by a run under torchrun with 2 processes
     torch.save(state, last)
+    message = stopped(data, out, "--epochs", "2", "--resume", "--seed", "7")
+    assert message.startswith(f"error: --resume: {last} was made with SEED=42, not 7")
     assert train(data, out, "--epochs", "2", "--resume", "--lr", "3e-4") == 0
     assert ("note: the state was saved by a run of 2 process(es), this one has 1: each "
             "process's share of an epoch changes, so the run will not end exactly as a straight "
@@ -810,6 +813,15 @@ def test_a_local_encoder_weights_file_is_loaded_exactly(tmp_path, form):
     assert all(torch.equal(loaded[k], source[k]) for k in source)
     assert not torch.equal(encoder_state("resnet18", seed=4)["conv1.weight"],
                            source["conv1.weight"])
+
+
+def test_an_efficientnet_file_with_its_own_head_is_loaded(tmp_path):
+    source = encoder_state("efficientnet-b0", seed=3)
+    torch.save({**source, "_fc.weight": torch.ones(1000, 1280), "_fc.bias": torch.ones(1000)},
+               tmp_path / "b0.pth")
+    torch.manual_seed(4)
+    loaded = model_lib.build_model("efficientnet-b0", str(tmp_path / "b0.pth"), 5)
+    assert all(torch.equal(v, source[k]) for k, v in loaded.encoder.state_dict().items())
 
 
 def test_a_weights_file_of_another_encoder_is_refused_with_its_counts(tmp_path):

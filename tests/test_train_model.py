@@ -169,6 +169,11 @@ def test_a_new_run_over_an_earlier_one_says_so_and_a_resume_does_not(demo_data, 
         f"resnet18_log.csv, resnet18_curves.png); --resume would continue it instead"]
     assert train(data, out, "--epochs", "2", "--resume") == 0
     assert "replaces" not in capsys.readouterr().out
+    (out / "resnet18_last.pth").unlink()  # --resume with no state starts over, over the rest
+    assert train(data, out, "--epochs", "1", "--resume") == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if "replaces" in line] == [
+        f"note: this new run replaces the earlier one in {out} (resnet18.pth, resnet18_log.csv, "
+        f"resnet18_curves.png)"]
 
 
 @pytest.mark.parametrize("flags, expected", [
