@@ -684,7 +684,7 @@ def run_epochs(model, optimizer, scaler, loaders, progress, settings, paths, arg
     loss_fn = model_lib.make_loss(args.loss)
     title = f"FPN {args.encoder}" + (" (DEMO data)" if args.demo else "") + f", {args.data}"
     print(f"{'epoch':>5} {'lr':>8} {'train_loss':>10} {'valid_loss':>10} {'valid_iou':>9} "
-          f"{'valid_dice':>10} {'seconds':>7}")
+          f"{'valid_dice':>10} {'valid_tj':>8} {'seconds':>7}")  # tj: thresholded Jaccard
     epoch, saved_epoch = progress["start"], progress["start"] - 1
     try:
         for epoch in range(progress["start"], args.epochs + 1):
@@ -748,7 +748,8 @@ def record_epoch(epoch, lr, train_loss, valid, seconds, model, optimizer, scaler
     write_log(progress["rows"], paths["log"])
     plot_curves(progress["rows"], progress["iter_log"], paths["curves"], title)
     print(f"{epoch:>5} {lr:>8.0e} {train_loss:>10.4f} {valid['loss']:>10.4f} "
-          f"{valid['iou']:>9.4f} {valid['dice']:>10.4f} {row['seconds']:>7.1f}"
+          f"{valid['iou']:>9.4f} {valid['dice']:>10.4f} {valid['threshold_jaccard']:>8.4f} "
+          f"{row['seconds']:>7.1f}"
           + ("  *best" if improved else ""), flush=True)
 
 

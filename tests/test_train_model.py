@@ -128,7 +128,7 @@ def test_resumed_run_with_loader_workers_is_bit_identical_to_a_straight_run(demo
 
 
 def test_validation_in_the_csv_is_what_evaluate_reports_with_the_checkpoints_normalisation(
-        demo_data, tmp_path):
+        demo_data, tmp_path, capsys):
     """Validation scores each image at its original size as --evaluate does, and inference
     uses the normalisation saved in the checkpoint, not a constant of its own."""
     data, out = fresh_data(demo_data, tmp_path), tmp_path / "Model"
@@ -138,6 +138,11 @@ def test_validation_in_the_csv_is_what_evaluate_reports_with_the_checkpoints_nor
     best = model_lib.load_checkpoint(out / "resnet18.pth")
     assert best["mean"] == [0.5] * 3 and best["std"] == [0.5] * 3
     row = read_log(out)[best["epoch"] - 1]
+    # the console's row of that epoch: IoU, Dice and thresholded Jaccard as in the CSV
+    console = next(line.split() for line in capsys.readouterr().out.splitlines()
+                   if line.split()[:1] == [str(best["epoch"])])
+    assert [float(v) for v in console[4:7]] == pytest.approx(
+        [float(row[f"valid_{k}"]) for k in ("iou", "dice", "threshold_jaccard")], abs=1e-4)
     assert test_model.main(["--checkpoint", str(out / "resnet18.pth"), "--evaluate",
                             "--split", "valid"]) == 0
     summary = json.loads((out / "evaluation" / "valid" / "summary.json").read_text())
