@@ -274,6 +274,18 @@ def test_threshold_analysis_best_is_the_argmax_and_agrees_with_evaluate(tmp_path
         for name in metrics.SCORE_NAMES:
             assert float(row[name]) == pytest.approx(summary[name], abs=1e-6), (threshold, name)
 
+    # the variants printed beside the sweep, at the threshold in use (0.5), are what --evaluate
+    # reports with the same views and post-processing
+    printed = dict(re.findall(r"^  (tta \S+, [^\n]+?)\s+IoU ([\d.]+)", result.out, re.M))
+    assert len(printed) == 4
+    for tta, post, name in (("none", [], "tta none, no post-processing"),
+                            ("flips", ["--postprocess"], "tta flips, largest region filled")):
+        ev = tmp_path / f"variant_{tta}"
+        run_main(["--checkpoint", ckpt, "--evaluate", "--split", "valid", "--tta", tta, *post,
+                  "--out", ev, "--workers", 0], capsys)
+        summary = json.loads((ev / "summary.json").read_text())
+        assert float(printed[name]) == pytest.approx(summary["iou"], abs=1e-4), name
+
 
 # ----------------------------------------------------------------------------- errors
 
