@@ -192,7 +192,7 @@ def check_file(task):
         return {"error": f"unreadable {role}: {type(err).__name__}: {_reason(err, path)}"}
 
 
-def _run_checks(tasks):
+def _run_checks(tasks, progress=True):
     processes = os.cpu_count() or 1
     if len(tasks) < POOL_MIN_FILES or processes == 1:
         return [check_file(t) for t in tasks]
@@ -202,13 +202,13 @@ def _run_checks(tasks):
     # fork as preprocess.PreprocessCache.build does; macOS cannot fork safely
     with get_context("spawn" if sys.platform == "darwin" else "fork").Pool(processes) as pool:
         results = list(tqdm(pool.imap(check_file, tasks, chunksize=chunk), total=len(tasks),
-                            desc="checking files", unit="file"))
+                            desc="checking files", unit="file", disable=not progress))
         pool.close()  # and join: so that the block's exit has no live worker to SIGTERM
         pool.join()
     return results
 
 
-def _check_all(tasks, cache_file):
+def _check_all(tasks, cache_file, progress=True):
     """Check results per path, memoised in cache_file by (path, size, mtime) for a quick rescan."""
     try:
         cache = json.loads(cache_file.read_text())
@@ -223,7 +223,7 @@ def _check_all(tasks, cache_file):
         except OSError as err:
             results[path] = {"error": f"cannot read file ({err.strerror})"}
     todo = [(p, r) for p, r in tasks if p in keys and keys[p] not in entries]
-    for (path, _), result in zip(todo, _run_checks([(str(p), r) for p, r in todo])):
+    for (path, _), result in zip(todo, _run_checks([(str(p), r) for p, r in todo], progress)):
         entries[keys[path]] = result
     results.update({path: entries[key] for path, key in keys.items()})
     if todo:
@@ -311,7 +311,7 @@ def _orientation(image_check, mask_check):
     return exif, note, hw
 
 
-def scan(root, min_side=MIN_SIDE):
+def scan(root, min_side=MIN_SIDE, progress=True):
     """Pairs per official split, and every file corrected or skipped with the reason."""
     root = Path(root).expanduser().absolute()
     result = ScanResult(root=root, layout="nothing recognised")
@@ -328,7 +328,7 @@ def scan(root, min_side=MIN_SIDE):
     tasks = [(p, role) for g in groups.values()
              for role, other in (("image", "mask"), ("mask", "image"))
              for i, paths in g[role].items() if i in g[other] for p in paths]
-    checks = _check_all(tasks, scan_memo(root)) if tasks else {}
+    checks = _check_all(tasks, scan_memo(root), progress) if tasks else {}
 
     candidates = []
     for group in groups.values():

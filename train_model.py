@@ -385,7 +385,7 @@ def scan_and_split(args, report_path):
     if args.demo and not any(Path(args.data).glob("*Training_Input*")):
         print(f"making demo data in {args.data} ...")
         demo_data.make_demo(args.data)
-    found = load_dataset.scan(args.data)
+    found = load_dataset.scan(args.data, progress=not args.quiet)
     if not any(found.splits.values()):
         raise SettingError(load_dataset.no_data_message(args.data))
     split_file = load_dataset.split_file_for(args.data)

@@ -447,6 +447,16 @@ def test_the_command_line_says_whether_it_wrote_a_split_file(tmp_path, capsys):
     assert (root / "split.json").is_file()
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_file_checks_show_a_bar_unless_told_not_to(tmp_path, monkeypatch, capsys, progress):
+    monkeypatch.setattr(load_dataset, "POOL_MIN_FILES", 0)  # the pool (and its bar) for 4 files
+    monkeypatch.setattr(load_dataset.os, "cpu_count", lambda: 2)
+    root = tmp_path / "data"
+    write_isic(root, IN18.format("Training"), GT18.format("Training"), isic_ids(1, 2))
+    assert scan(root, progress=progress).pair_count() == 2
+    assert ("checking files" in capsys.readouterr().err) == progress
+
+
 def test_three_pairs_give_one_each(tmp_path):
     found = drawn_tree(tmp_path / "data", count=3)
     assert {s: len(v) for s, v in split_pairs(found).items()} == {"train": 1, "valid": 1, "test": 1}
