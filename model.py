@@ -83,9 +83,10 @@ def check_hub(encoder):
     cached = try_to_load_from_cache(hub["repo_id"], "model.safetensors", revision=hub["revision"])
     if isinstance(cached, str):
         return
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise SettingError(offline_message(encoder, "HF_HUB_OFFLINE is set and the weights are "
-                                                    "not cached"))
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # huggingface_hub reads both
+        if os.environ.get(variable, "").lower() in ("1", "true", "yes", "on"):
+            raise SettingError(offline_message(encoder, f"{variable} is set and the weights "
+                                                        f"are not cached"))
     reached = []
 
     def probe():

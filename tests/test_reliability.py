@@ -851,16 +851,17 @@ def test_a_weights_file_of_another_encoder_is_refused_with_its_counts(tmp_path):
                                        "(64, 1, 7, 7), not (64, 3, 7, 7))")
 
 
-@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE=1", "hub unreachable"])
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "hub unreachable"])
 def test_uncached_imagenet_weights_stop_the_run_before_the_data_scan(demo_tree, tmp_path,
                                                                      monkeypatch, offline):
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
-    if offline == "HF_HUB_OFFLINE=1":
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        cause = "HF_HUB_OFFLINE is set and the weights are not cached"
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    if offline.endswith("OFFLINE"):
+        monkeypatch.setenv(offline, "1")
+        cause = f"{offline} is set and the weights are not cached"
     else:
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setattr(model_lib, "HUB_HOST", "hub.invalid")  # a name that never resolves
         cause = "hub.invalid cannot be reached"
     scans = []
