@@ -196,16 +196,9 @@ def _run_checks(tasks, progress=True):
     processes = os.cpu_count() or 1
     if len(tasks) < POOL_MIN_FILES or processes == 1:
         return [check_file(t) for t in tasks]
-    from multiprocessing import get_context
-    from tqdm import tqdm
     chunk = max(1, min(32, len(tasks) // (processes * 8)))
-    # fork as preprocess.PreprocessCache.build does; macOS cannot fork safely
-    with get_context("spawn" if sys.platform == "darwin" else "fork").Pool(processes) as pool:
-        results = list(tqdm(pool.imap(check_file, tasks, chunksize=chunk), total=len(tasks),
-                            desc="checking files", unit="file", disable=not progress))
-        pool.close()  # and join: so that the block's exit has no live worker to SIGTERM
-        pool.join()
-    return results
+    return preprocess.process_map(check_file, tasks, processes, chunk, "checking files", "file",
+                                  progress)
 
 
 def _check_all(tasks, cache_file, progress=True):
@@ -426,13 +419,20 @@ def _draw(ids, missing, seed, valid_fraction, test_fraction):
     return drawn
 
 
+def drawn_splits(official):
+    """The splits drawn from training (and kept in the split file): valid and test where they
+    have no official pairs, when there are training pairs to draw them from."""
+    missing = [s for s in ("valid", "test") if not official.get(s)]
+    return missing if official.get("train") else []
+
+
 def split_pairs(scan_result, seed=SEED, valid_fraction=VALID_FRACTION,
                 test_fraction=TEST_FRACTION, split_file=None):
     """train/valid/test pairs: official sets where present, else drawn once and saved."""
     official = scan_result.splits
     train = {p.id: p for p in official.get("train", [])}
-    missing = [s for s in ("valid", "test") if not official.get(s)]
-    if not missing or not train:
+    missing = drawn_splits(official)
+    if not missing:
         return {s: list(official.get(s, [])) for s in ("train", "valid", "test")}
     split_file = Path(split_file) if split_file else split_file_for(scan_result.root)
     if split_file.exists():
@@ -687,8 +687,7 @@ def main(argv=None):
         print(err, file=sys.stderr)
         return 2
     print(_split_lines(found, splits))
-    official = found.splits  # a split is drawn from training as split_pairs decides
-    drawn = official.get("train") and not (official.get("valid") and official.get("test"))
+    drawn = drawn_splits(found.splits)
     print(f"split file: {split_file_for(root) if drawn else 'none (nothing to draw)'}; memo "
           f"of file checks: {scan_memo(root)}")
     if args.build_cache:

@@ -371,6 +371,21 @@ def unpack_truth(bits, hw):
     return np.unpackbits(bits, count=hw[0] * hw[1]).reshape(hw).astype(bool)
 
 
+def process_map(fn, tasks, processes, chunksize, desc, unit, progress=True):
+    """[fn(task) for task in tasks] in a pool of processes, with a bar. Forked (macOS cannot
+    fork safely: spawned there). The pool is closed and joined, so that its exit has no live
+    worker to SIGTERM: a SIGTERM handler the workers inherit may not turn that into an exit."""
+    from multiprocessing import get_context
+    from tqdm import tqdm
+
+    with get_context("spawn" if sys.platform == "darwin" else "fork").Pool(processes) as pool:
+        results = list(tqdm(pool.imap(fn, tasks, chunksize=chunksize), total=len(tasks),
+                            desc=desc, unit=unit, disable=not progress))
+        pool.close()
+        pool.join()
+    return results
+
+
 def ordered_map(fn, items, threads):
     """fn(*item) over items in threads, results in order, a bounded number in flight: resizing
     to full size and PNG encoding (GIL released) then overlap the model instead of waiting."""
@@ -467,23 +482,10 @@ class PreprocessCache:
 
     def build(self, pairs, workers=None, progress=True):
         """Build every missing entry with a pool of processes; returns [(path, error)]."""
-        from multiprocessing import get_context
-        from tqdm import tqdm
-
         todo = [(p.image, p.mask, p.exif) for p in pairs]
-        workers = workers or os.cpu_count() or 1
-        errors = []
-        with get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) as pool:
-            results = pool.imap(self._build_one, todo, chunksize=4)
-            for (image_path, _, _), err in tqdm(zip(todo, results), total=len(todo),
-                                                desc="caching", disable=not progress):
-                if err:
-                    errors.append((image_path, err))
-            # workers that end on their own: Pool's exit would send them SIGTERM, which a
-            # handler inherited from the parent may not turn into an exit
-            pool.close()
-            pool.join()
-        return errors
+        results = process_map(self._build_one, todo, workers or os.cpu_count() or 1, 4,
+                              "caching", "pair", progress)
+        return [(image_path, err) for (image_path, _, _), err in zip(todo, results) if err]
 
 
 def _save_npy(entry, array):

@@ -104,13 +104,14 @@ class Predictor:
         the members' mean at network size when every member shares the first one's input
         settings (the mean and the linear resize commute), else a tuple of each member's map
         at its own size, averaged once each is resized to the original size, as image() does."""
-        per_member = []
+        per_member, shared = [], True
         for model, ckpt, _ in self.members:
             settings = model_lib.input_settings(ckpt)
+            shared = shared and settings == self.settings
             x = images if settings == self.settings else torch.cat(
                 [preprocess.eval_input(p.image, settings, p.exif)[0] for p in pairs])
             per_member.append(predict_batch(model, x, self.device, self.tta))
-        if all(model_lib.input_settings(c) == self.settings for _, c, _ in self.members):
+        if shared:
             return list(np.mean(per_member, axis=0))
         return list(zip(*per_member))
 
