@@ -141,24 +141,37 @@ def demo_pair(rng):
 def make_demo(root=DEMO_DIR, count=DEMO_COUNT, seed=DEMO_SEED):
     """Write `count` generated pairs in the ISIC 2018 Task 1 layout under root.
 
-    The same seed gives the same bytes. Ids start at ISIC_9000000, outside the real range."""
+    The marker goes first, so that a generation cut short still marks the folder as generated
+    (a scan of data/ never takes it for real pairs), and is marked complete last; every file
+    is written whole or not at all. The same seed gives the same bytes. Ids start at
+    ISIC_9000000, outside the real range."""
     root = Path(root)
     images = root / "ISIC2018_Task1-2_Training_Input"
     masks = root / "ISIC2018_Task1_Training_GroundTruth"
     images.mkdir(parents=True, exist_ok=True)
     masks.mkdir(parents=True, exist_ok=True)
+    record = {"generated_by": "demo_data.make_demo", "count": count, "seed": seed}
+    preprocess.write_text(root / DEMO_MARKER, json.dumps({**record, "complete": False}))
     for i in range(count):
         image, mask = demo_pair(np.random.default_rng([seed, i]))
         pair_id = f"ISIC_{9000000 + i:07d}"
         for path, array, params in ((images / f"{pair_id}.jpg", image[..., ::-1],
                                      [cv2.IMWRITE_JPEG_QUALITY, 90]),
                                     (masks / f"{pair_id}_segmentation.png", mask, [])):
-            if not cv2.imwrite(str(path), array, params):  # cv2 reports failure, never raises
-                raise OSError(f"cannot write {path}")
-    preprocess.write_text(root / DEMO_MARKER, json.dumps(
-        {"generated_by": "demo_data.make_demo", "count": count, "seed": seed}))
+            ok, encoded = cv2.imencode(path.suffix, array, params)
+            if not ok:  # cv2 reports failure, never raises
+                raise OSError(f"cannot encode {path}")
+            preprocess.write_bytes(path, encoded.tobytes())
+    preprocess.write_text(root / DEMO_MARKER, json.dumps({**record, "complete": True}))
     return root
 
+
+def is_complete(root):
+    """True when root holds a demo set whose generation finished."""
+    try:
+        return json.loads((Path(root) / DEMO_MARKER).read_text()).get("complete", True)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def main(argv=None):

@@ -3,7 +3,8 @@ train/valid/test split and its folds, the Dataset and its loaders, the preproces
 
     python load_dataset.py --data data      # layout found, pairs per split, corrected/skipped files
     python load_dataset.py --data data --build-cache --image-size 320 320   # cache, ahead
-    python load_dataset.py --make-demo      # write generated demo pairs to data/demo
+
+The demo pairs are written by `python demo_data.py`.
 """
 import argparse
 import hashlib
@@ -11,22 +12,24 @@ import json
 import os
 import random
 import re
+import struct
 import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 import preprocess
-from demo_data import DEMO_COUNT, DEMO_DIR, DEMO_MARKER, DEMO_SEED, make_demo
+from demo_data import DEMO_DIR, DEMO_MARKER
 from preprocess import ImageError, image_info, read_image, read_mask
 
 DATA_DIR = "data"  # default data folder
-SEED = 42  # seed of the drawn train/valid/test split
 VALID_FRACTION = 0.1  # share of training pairs drawn for validation when there is no official set
 TEST_FRACTION = 0.1  # share drawn for test when there is no official test set
 MIN_SIDE = 32  # images smaller than this on either side are skipped (FPN's total stride)
@@ -67,6 +70,7 @@ class ScanResult:
     splits: dict = field(default_factory=dict)  # official split name -> [Pair] sorted by id
     corrected: list = field(default_factory=list)  # [(path, what was corrected)]
     skipped: list = field(default_factory=list)  # [(path, why)]
+    sources: list = field(default_factory=list)  # image folders the pairs come from (relative)
 
     def pair_count(self):
         return sum(len(pairs) for pairs in self.splits.values())
@@ -146,6 +150,11 @@ def _find_files(root, skipped):
 
 # ---------------------------------------------------------------------------- checking files
 
+# what Pillow and OpenCV raise for a file they cannot decode (Pillow also raises
+# SyntaxError and struct.error for some damaged headers; OpenCV raises cv2.error)
+DECODER_ERRORS = (OSError, ValueError, SyntaxError, EOFError, MemoryError, struct.error,
+                  cv2.error, Image.DecompressionBombError)
+
 _IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 
 
@@ -188,7 +197,8 @@ def check_file(task):
         return {"error": None, "notes": notes, "hw": list(mask.shape[:2])}
     except ImageError as err:
         return {"error": f"unreadable {role}: {_reason(err, path)}"}
-    except Exception as err:  # one odd file must never stop a scan of thousands
+    except DECODER_ERRORS as err:  # one odd file must never stop a scan of thousands; a bug
+        # in the project's own checks (a TypeError, a KeyError...) surfaces instead
         return {"error": f"unreadable {role}: {type(err).__name__}: {_reason(err, path)}"}
 
 
@@ -277,10 +287,14 @@ def _pair_group(info, checks, min_side, result):
         mask = _pick(masks[pair_id], checks, "mask", min_side, result)
         exif, problem = True, None
         if image and mask:
-            exif, turn_note, image_hw = _orientation(checks.get(image, {}), checks.get(mask, {}))
-            if turn_note:
+            exif, turn_note, image_hw = _orientation(checks.get(image, {}), checks.get(mask, {}),
+                                                     image, mask)
+            if exif is None:
+                problem = ("skipped", turn_note)
+            elif turn_note:
                 result.corrected.append((image, turn_note))
-            problem = _size_problem(image_hw, checks.get(mask, {}).get("hw"))
+            if problem is None:
+                problem = _size_problem(image_hw, checks.get(mask, {}).get("hw"))
         if problem and problem[0] == "skipped":
             result.skipped += [(mask, problem[1]), (image, f"its mask {mask.name} is unusable")]
         elif image and not mask:
@@ -292,12 +306,16 @@ def _pair_group(info, checks, min_side, result):
     return pairs
 
 
-def _orientation(image_check, mask_check):
-    """(turn by EXIF?, note, image (h, w) as it will be read) of a pair; the mask decides."""
+def _orientation(image_check, mask_check, image, mask):
+    """(turn by EXIF?, note, image (h, w) as it will be read) of a pair; the mask decides, by
+    its shape or else by content (None: it cannot tell, and the pair is skipped)."""
     info, mask_hw = image_check.get("info"), mask_check.get("hw")
     if not info or not mask_hw or info["orientation"] == 1:
         return True, None, image_check.get("hw")
-    exif, note = preprocess.pair_orientation(info, tuple(mask_hw))
+    try:
+        exif, note = preprocess.pair_orientation(info, tuple(mask_hw), image, mask)
+    except (ImageError, OSError) as err:  # changed since it was checked
+        return None, f"unreadable: {_reason(err, image)}", None
     hw = [info["height"], info["width"]]
     if not exif and info["orientation"] in (5, 6, 7, 8):
         hw = hw[::-1]
@@ -347,6 +365,7 @@ def scan(root, min_side=MIN_SIDE, progress=True):
                 result.corrected.append((path, ", ".join(checks[path]["notes"])))
         if problem:
             result.corrected.append((pair.mask, problem[1]))
+    result.sources = sorted({os.path.relpath(p.image.parent, root) for p in kept.values()})
     for split in result.splits:
         result.splits[split].sort(key=lambda p: p.id)
     result.corrected.sort(key=lambda e: str(e[0]))
@@ -426,9 +445,10 @@ def drawn_splits(official):
     return missing if official.get("train") else []
 
 
-def split_pairs(scan_result, seed=SEED, valid_fraction=VALID_FRACTION,
+def split_pairs(scan_result, seed=None, valid_fraction=VALID_FRACTION,
                 test_fraction=TEST_FRACTION, split_file=None):
-    """train/valid/test pairs: official sets where present, else drawn once and saved."""
+    """train/valid/test pairs: official sets where present, else drawn once with `seed` and
+    saved; the saved split wins from then on (a `seed` of None: whatever it was drawn with)."""
     official = scan_result.splits
     train = {p.id: p for p in official.get("train", [])}
     missing = drawn_splits(official)
@@ -437,10 +457,14 @@ def split_pairs(scan_result, seed=SEED, valid_fraction=VALID_FRACTION,
     split_file = Path(split_file) if split_file else split_file_for(scan_result.root)
     if split_file.exists():
         ids, saved = _read_split(split_file, train, missing)
-        if [saved.get("seed"), saved.get("valid_fraction"), saved.get("test_fraction")] != \
-                [seed, valid_fraction, test_fraction]:
+        if seed is not None and [saved.get("seed"), saved.get("valid_fraction"),
+                                 saved.get("test_fraction")] != [seed, valid_fraction,
+                                                                 test_fraction]:
             warnings.warn(f"using the split saved in {split_file} (seed {saved.get('seed')}); "
                           f"delete it to draw one with seed {seed}")
+    elif seed is None:
+        raise SplitMismatch(f"no split file at {split_file}: a seed is needed to draw the "
+                            f"split (train_model.py draws it with its SEED)")
     else:
         ids = _draw(train, missing, seed, valid_fraction, test_fraction)
         _write_json(split_file, {"seed": seed, "valid_fraction": valid_fraction,
@@ -452,14 +476,14 @@ def split_pairs(scan_result, seed=SEED, valid_fraction=VALID_FRACTION,
     return splits
 
 
-def fold_ids(ids, k, seed=SEED):
+def fold_ids(ids, k, seed):
     """K folds of ids: sorted, shuffled with the seed, then every k-th; each id in one fold."""
     ids = sorted(ids)
     random.Random(seed).shuffle(ids)
     return [sorted(ids[j::k]) for j in range(k)]
 
 
-def fold_splits(scan_result, splits, k, fold, seed=SEED, split_file=None):
+def fold_splits(scan_result, splits, k, fold, seed, split_file=None):
     """train/valid/test of fold `fold` of k: the training pairs (with the validation pairs when
     those were drawn from training) fall into k seeded folds, kept in the split file; fold
     `fold` validates, the others train. The test split is never in a fold."""
@@ -604,35 +628,73 @@ def collate_skip_none(batch):
     return stacked
 
 
-def make_loader(pairs, settings, batch_size, workers=0, cache=None, train=False, seed=0,
-                pin_memory=False, truth=False, rank=0, world=1, augment="full"):
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a loader runs, beside what it reads: worker processes, the cache, the seed of the
+    shuffling and augmentation, pinned memory, and this process's share under torchrun."""
+    workers: int = 0
+    cache: object = None
+    seed: int = 0
+    pin_memory: bool = False
+    rank: int = 0
+    world: int = 1
+
+
+def make_loader(pairs, settings, batch_size, options=None, train=False, augment="full",
+                truth=False):
     """A DataLoader of a split: shuffled and augmented (`augment`) for training, in order
-    otherwise.
+    otherwise; with `truth`, each item also carries its true mask at its own size.
 
     Workers persist across epochs; what they produce depends only on (seed, epoch, index)."""
+    o = options or LoaderOptions()
+    if o.workers:
+        preprocess.before_fork()
     dataset = SegmentationDataset(pairs, settings, augment=augment if train else None,
-                                  cache=cache, seed=seed, truth=truth)
-    sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world, pad=train)
+                                  cache=o.cache, seed=o.seed, truth=truth)
+    sampler = EpochSampler(len(dataset), o.seed, shuffle=train, rank=o.rank, world=o.world,
+                           pad=train)
     # a generator of its own: starting workers draws a seed from it, and drawing from the
     # global one would shift the model's dropout in the first epoch a loader is used
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                      drop_last=train and len(sampler) > batch_size, num_workers=workers,
-                      pin_memory=pin_memory, collate_fn=collate_skip_none,
-                      persistent_workers=workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+                      drop_last=train and len(sampler) > batch_size, num_workers=o.workers,
+                      pin_memory=o.pin_memory, collate_fn=collate_skip_none,
+                      persistent_workers=o.workers > 0,
+                      generator=torch.Generator().manual_seed(o.seed))
+
+
+def pairs_digest(pairs):
+    """A short digest of the files a list of pairs names (id, and the sizes in bytes of image
+    and mask): runs on other images never share it, a copied or moved data folder keeps it."""
+    def size(path):
+        try:
+            return os.stat(path).st_size if path else -1
+        except OSError:
+            return -1
+    text = "\n".join(f"{p.id}|{size(p.image)}|{size(p.mask)}" for p in sorted(pairs,
+                                                                           key=lambda p: p.id))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- command line
 
 def no_data_message(root):
+    root = Path(root)
+    if MASK_FOLDER.search(root.name) or root.name.lower() in ("images", "image", "imgs"):
+        return (f"No usable image/mask pairs under {root}: it looks like the images or the "
+                f"masks folder of a dataset. Point --data at its parent, {root.parent}, which "
+                f"holds both.")
     return (f"No usable image/mask pairs under {root}.\n"
             f"Put the ISIC files there, one folder per archive, for example:\n"
             f"  {root}/ISIC2018_Task1-2_Training_Input/ISIC_0000000.jpg\n"
             f"  {root}/ISIC2018_Task1_Training_GroundTruth/ISIC_0000000_segmentation.png\n"
             f"(ISIC 2016/2017 folders, or a folder of images beside a folder of masks named "
             f"<image stem>_segmentation.png, work too.)\n"
-            f"Or make generated demo data instead: python load_dataset.py --make-demo "
+            f"Or make generated demo data instead: python demo_data.py "
             f"(then --data {DEMO_DIR}), or run python train_model.py --demo")
+
+
+def pairs_word(n):
+    return f"{n} pair" if n == 1 else f"{n} pairs"
 
 
 def _split_lines(found, splits):
@@ -645,51 +707,47 @@ def _split_lines(found, splits):
             how = f"drawn from training, saved in {split_file_for(found.root)}"
         else:
             how = "official"
-        lines.append(f"  {s}: {len(splits[s])} pairs ({how})")
+        lines.append(f"  {s}: {pairs_word(len(splits[s]))} ({how})")
     return "\n".join(lines)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=None,
-                        help=f"data folder (default: {DATA_DIR}, or {DEMO_DIR} with --make-demo)")
-    parser.add_argument("--make-demo", action="store_true", help="write generated demo pairs")
-    parser.add_argument("--count", type=int, default=DEMO_COUNT, help="demo pairs to generate")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default=DATA_DIR, help="data folder")
     parser.add_argument("--seed", type=int, default=None,
-                        help=f"demo seed (default {DEMO_SEED}) or split seed (default {SEED})")
+                        help="seed of the split, when none is saved yet (train_model.py "
+                             "draws it with its SEED; None: the saved split, or none drawn)")
     parser.add_argument("--min-side", type=int, default=MIN_SIDE, help="smallest usable image side")
     parser.add_argument("--build-cache", action="store_true",
                         help="decode and resize every pair into the cache ahead of training")
-    parser.add_argument("--image-size", type=int, nargs=2, default=(320, 320), metavar=("H", "W"),
-                        help="working size of --build-cache (train_model.py's IMAGE_SIZE)")
+    parser.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="working size of --build-cache: the IMAGE_SIZE of the run that "
+                             "will read it (required with --build-cache)")
     args = parser.parse_args(argv)
+    if args.build_cache and args.image_size is None:
+        parser.error("--build-cache needs --image-size H W: the IMAGE_SIZE of the run that "
+                     "will read the cache")
 
-    if args.make_demo:
-        root = Path(args.data or DEMO_DIR)
-        try:
-            make_demo(root, args.count, DEMO_SEED if args.seed is None else args.seed)
-        except OSError as err:
-            print(f"cannot write demo data to {root}: {err.strerror or err}", file=sys.stderr)
-            return 2
-        print(f"wrote {args.count} demo pairs to {root} (ISIC 2018 Task 1 layout)")
-        return 0
-
-    root = Path(args.data or DATA_DIR)
+    root = Path(args.data)
     found = scan(root, min_side=args.min_side)
     print(found.summary())
     if not found.pair_count():
         print(no_data_message(root), file=sys.stderr)
         return 2
-    seed = SEED if args.seed is None else args.seed
-    try:
-        splits = split_pairs(found, seed=seed)
-    except (SplitMismatch, OSError) as err:
-        print(err, file=sys.stderr)
-        return 2
-    print(_split_lines(found, splits))
     drawn = drawn_splits(found.splits)
-    print(f"split file: {split_file_for(root) if drawn else 'none (nothing to draw)'}; memo "
-          f"of file checks: {scan_memo(root)}")
+    if drawn and args.seed is None and not split_file_for(root).exists():
+        print(f"split: none drawn yet (train_model.py draws it with its SEED, or pass --seed "
+              f"N); memo of file checks: {scan_memo(root)}")
+    else:
+        try:
+            splits = split_pairs(found, seed=args.seed)
+        except (SplitMismatch, OSError) as err:
+            print(err, file=sys.stderr)
+            return 2
+        print(_split_lines(found, splits))
+        print(f"split file: {split_file_for(root) if drawn else 'none (nothing to draw)'}; "
+              f"memo of file checks: {scan_memo(root)}")
     if args.build_cache:
         return build_cache(found, tuple(args.image_size))
     return 0

@@ -1,14 +1,21 @@
-"""What training and inference share: building the FPN, encoder weights (hub or a local file),
-the checkpoint format, the device, and the mixed-precision / channels_last context."""
+"""What training, inference and the benchmarks share: building the FPN, encoder weights (hub
+or a local file), the checkpoint format and the names of a run's files, the device, the
+mixed-precision / channels_last context, the processes under torchrun, and the one training
+step and validation that train_model.py runs and the benchmarks time."""
+import hashlib
 import math
 import os
+import re
 import socket
 import threading
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+import metrics
 import preprocess
 
 CHECKPOINT_FORMAT = "melanoma-fpn-checkpoint"
@@ -143,6 +150,10 @@ def load_encoder_weights(model, path, encoder):
     torch.nn.Module.load_state_dict(model.encoder, state, strict=False)
 
 
+LOSSES = ("dice", "dice+bce")
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def make_loss(name="dice"):
     """The training loss on logits: the paper's Dice, or Dice plus binary cross-entropy."""
     import segmentation_models_pytorch as smp
@@ -250,10 +261,6 @@ def tta_probabilities(model, images, device, tta="none", mixed=False, channels_l
 
 # ----------------------------------------------------------------------------- checkpoints
 
-# the settings that shape the input: inference reads them from the checkpoint, never a constant
-INPUT_KEYS = ("image_size", "encoder_depth", "interpolation", "mean", "std")
-
-
 def checkpoint_record(model, settings, epoch, valid_iou):
     """The best-model checkpoint: tensors and plain values, everything inference needs."""
     return {
@@ -271,6 +278,8 @@ def checkpoint_record(model, settings, epoch, valid_iou):
         "split_file": str(settings.get("split_file", "")), "fold": settings.get("fold"),
         "folds": settings.get("folds", 1), "seed": settings.get("seed"),
         "recipe": dict(settings.get("recipe", {})),  # how it was trained: LR, LOSS, AUGMENT...
+        # which images: all the data folder's pairs, and this run's train+valid pairs
+        "data_digest": settings.get("data_digest"), "split_digest": settings.get("split_digest"),
     }
 
 
@@ -354,3 +363,213 @@ def load_model(path, device, channels_last=False):
     if channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model, ckpt
+
+
+# ----------------------------------------------------------------------------- a run's files
+
+# what train_model.py writes per run, by role: <stem><suffix> in the model folder
+RUN_FILES = {"best": ".pth", "last": "_last.pth", "log": "_log.csv", "curves": "_curves.png",
+             "data_report": "_data.txt"}
+RUN_STEM = re.compile(r"^(?P<demo>demo_)?(?P<encoder>.+?)(?:_fold(?P<fold>\d+))?$")
+
+
+def run_stem(encoder, fold=None, demo=False):
+    """The name a run's files share: <encoder>, demo_<encoder>, <encoder>_fold<I>."""
+    return ("demo_" if demo else "") + encoder + ("" if fold is None else f"_fold{fold}")
+
+
+def run_files(model_dir, stem):
+    """{role: path} of the files of the run named `stem` in model_dir."""
+    return {role: Path(model_dir) / f"{stem}{suffix}" for role, suffix in RUN_FILES.items()}
+
+
+def stem_of(path):
+    """The run name of one of its files (a best model, a resume state, a log...)."""
+    name = Path(path).name
+    for suffix in sorted(RUN_FILES.values(), key=len, reverse=True):
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return Path(path).stem
+
+
+def fold_of(path):
+    """The fold of a run's file, from its name (None: not a fold model)."""
+    fold = RUN_STEM.match(stem_of(path))["fold"]
+    return None if fold is None else int(fold)
+
+
+def is_resume_state(path):
+    return Path(path).name.endswith(RUN_FILES["last"])
+
+
+def best_models(folder):
+    """The best-model checkpoints in a folder, by name (resume states left out)."""
+    return sorted(p for p in Path(folder).glob("*.pth") if not is_resume_state(p))
+
+
+def resume_states(folder):
+    return sorted(Path(folder).glob(f"*{RUN_FILES['last']}"))
+
+
+def results_name(paths):
+    """The folder name that keeps one model's (or one ensemble's) results apart from another's:
+    the run name of one checkpoint (with _last for a resume state), or ensemble_<N>_<digest>."""
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1:
+        return paths[0].stem
+    digest = hashlib.sha1("|".join(sorted(str(p.resolve()) for p in paths)).encode())
+    return f"ensemble_{len(paths)}_{digest.hexdigest()[:8]}"
+
+
+def checkpoint_fields(path, keys):
+    """A few plain fields of a checkpoint, read without loading its tensors into memory."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an unreadable file is reported where it is loaded for real
+        return {}
+    return {k: ckpt.get(k) for k in keys} if isinstance(ckpt, dict) else {}
+
+
+# ----------------------------------------------------------------------------- processes
+
+def world_size():
+    """Processes training together: torchrun's WORLD_SIZE, 1 for a plain `python` run."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def main_process():
+    """Only the first process prints, writes the CSV, the figures and the checkpoints."""
+    return rank() == 0
+
+
+def gather(values):
+    """Every process's list of values, concatenated in rank order (one process: as is)."""
+    if world_size() == 1:
+        return list(values)
+    everyone = [None] * world_size()
+    dist.all_gather_object(everyone, list(values))
+    return [v for part in everyone for v in part]
+
+
+def sum_over_processes(*numbers):
+    if world_size() == 1:
+        return numbers
+    total = torch.tensor(numbers, dtype=torch.float64)
+    dist.all_reduce(total)  # a CPU tensor: gloo carries it (beside NCCL on CUDA runs)
+    return tuple(total.tolist())
+
+
+# ----------------------------------------------------------------------------- the step
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the model became NaN or infinite; the message names the epoch and step."""
+
+
+@dataclass
+class Trainer:
+    """The model and how a step runs on it: what train_one_epoch and validate need."""
+    model: torch.nn.Module
+    loss_fn: object
+    device: torch.device
+    optimizer: object = None
+    scaler: object = None  # a GradScaler under float16 autocast
+    mixed: bool = False  # autocast (see autocast())
+    channels_last: bool = False
+    threshold: float = 0.5
+
+    def logits(self, images):
+        with autocast(self.device, self.mixed):
+            return self.model(to_device(images, self.device, self.channels_last))
+
+
+@dataclass
+class EpochResult:
+    loss: float  # mean training loss over the images trained on
+    images: int  # images trained on, all processes together
+    skipped: int  # images read but skipped with a batch that came back empty elsewhere
+
+
+def train_one_epoch(trainer, loader, epoch, iter_log=None, progress=True):
+    """One pass over the training loader: the training step, batch after batch.
+
+    `iter_log`, when a list, receives (loss, mean IoU of the batch at network size) per step:
+    the paper's Figures 8 and 9."""
+    from tqdm import tqdm
+
+    trainer.model.train()
+    total, seen, skipped = 0.0, 0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress)
+    for step, batch in enumerate(bar, 1):
+        # every file of the batch became unreadable: skip the step, and under torchrun every
+        # process skips it, or the others would wait in the gradient all-reduce for this one
+        (empty,) = sum_over_processes(1.0 if batch is None else 0.0)
+        if empty:
+            skipped += 0 if batch is None else len(batch[0])  # read, but skipped with it
+            continue
+        images, masks = batch[0], batch[1].to(trainer.device)
+        logits = trainer.logits(images)
+        loss = trainer.loss_fn(logits.float(), masks)  # in float32: float16 sums overflow
+        loss_value = loss.item()  # one device sync per step, reused below
+        _stop_if_not_finite(loss_value, epoch, step)
+        optimizer_step(loss, trainer.optimizer, trainer.scaler)
+        n = images.shape[0]
+        total += loss_value * n
+        seen += n
+        if iter_log is not None:
+            with torch.no_grad():
+                counts = metrics.batch_confusion(torch.sigmoid(logits.float()), masks,
+                                                 trainer.threshold)
+            iter_log.append((loss_value, metrics.mean_scores(counts.tolist())["iou"]))
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    total, seen, skipped = sum_over_processes(total, seen, skipped)
+    return EpochResult(total / max(seen, 1), int(seen), int(skipped))
+
+
+def _stop_if_not_finite(loss_value, epoch, step):
+    """Under torchrun every process learns of a NaN anywhere and stops at the same step,
+    before the optimiser step: the weights and every checkpoint stay as they were."""
+    (broken,) = sum_over_processes(0.0 if math.isfinite(loss_value) else 1.0)
+    if broken:
+        value = loss_value if not math.isfinite(loss_value) else "NaN in another process"
+        raise NonFiniteLoss(f"the training loss became {value} at epoch {epoch}, step {step}; "
+                            f"stopped before updating the model (the best checkpoint is "
+                            f"untouched). Lower LR, or turn MIXED_PRECISION off.")
+
+
+@torch.inference_mode()
+def validate(trainer, loader, threads=2):
+    """Mean loss (at network size) and per-image mean scores at each image's original size.
+
+    Each probability map is resized to its true mask's size and cut at the threshold exactly
+    as test_model.py --evaluate does, so the CSV, the choice of the best checkpoint and the
+    evaluation report the same numbers. The true masks come with the batches (packed bits,
+    from the cache): no original is decoded per epoch or held beyond its batch."""
+    trainer.model.eval()
+    losses = []
+
+    def per_image():
+        for batch in loader:
+            if batch is None:
+                continue
+            images, masks, _, truths = batch
+            logits = trainer.logits(images).float()
+            losses.append((trainer.loss_fn(logits, masks.to(trainer.device)).item(),
+                           len(images)))
+            for prob, (bits, hw) in zip(torch.sigmoid(logits)[:, 0].cpu().numpy(), truths):
+                yield prob, bits, hw
+
+    def score(prob, bits, hw):  # in the scoring threads, beside the model
+        return metrics.confusion_at_original(prob, preprocess.unpack_truth(bits, hw),
+                                             trainer.threshold)
+
+    # each process scores its share of the images; every image is counted once, everywhere
+    counts = gather(preprocess.ordered_map(score, per_image(), threads))
+    result = metrics.mean_scores(counts)
+    total, seen = sum_over_processes(sum(loss * n for loss, n in losses),
+                                     sum(n for _, n in losses))
+    result["loss"] = total / seen if seen else float("nan")
+    return result

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from collections import deque
 from contextlib import contextmanager
@@ -32,9 +33,14 @@ INTERPOLATIONS = {"area": (cv2.INTER_AREA, cv2.INTER_LINEAR),
 MAX_PIXELS = 150_000_000  # refuse larger declared sizes (ISIC's largest is about 30 MP)
 CACHE_VERSION = 2  # bump when the cached arrays would change for the same settings
 
-# PIL's own bomb check warns first and errors at twice the limit; we check the header ourselves.
-Image.MAX_IMAGE_PIXELS = None
-cv2.setNumThreads(1)  # loader workers are already one per core
+
+
+def before_fork():
+    """Call before starting worker processes (loader workers, pools): OpenCV's thread pool does
+    not survive a fork (a child that touches it waits forever on a lock of the parent's), so a
+    process that forks runs OpenCV on one thread from then on; its workers are one per core
+    anyway. A process that never forks (one image segmented) keeps OpenCV's own threads."""
+    cv2.setNumThreads(1)
 
 
 class ImageError(ValueError):
@@ -97,6 +103,32 @@ def write_text(path, text):
         Path(tmp).write_text(text)
 
 
+def write_bytes(path, data):
+    with atomic_write(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def write_csv(path, rows, columns):
+    """A table of dicts as CSV, written whole or not at all."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
+
+
+def save_figure(fig, path, dpi=90):
+    """A matplotlib figure as PNG through the atomic writer, then closed."""
+    import matplotlib.pyplot as plt
+
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------- size rule
 
 def permitted_size(size, depth=5):
@@ -120,11 +152,16 @@ def _open(path):
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file (0 bytes)")
-        img = Image.open(path)
+        with warnings.catch_warnings():  # Pillow's own bomb check warns below MAX_PIXELS
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
     except ImageError:
         raise
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
+    except Image.DecompressionBombError:  # declared far beyond Pillow's limit (and ours)
+        raise ImageError(f"{path}: declared size exceeds {MAX_PIXELS:,} pixels (possible "
+                         f"decompression bomb); refused") from None
     except Exception as exc:  # PIL raises several types for non-images
         raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
     if img.width * img.height > MAX_PIXELS:
@@ -234,27 +271,64 @@ def same_aspect(a, b):
     return abs((a[1] / a[0]) / (b[1] / b[0]) - 1) <= 0.01
 
 
-def pair_orientation(image_info_, mask_hw):
-    """(turn the image by its EXIF orientation?, a note or None), decided by the mask's shape.
+def pair_orientation(image_info_, mask_hw, image_path=None, mask_path=None):
+    """(turn the image by its EXIF orientation?, a note or None), decided by the mask.
 
     The official scorer compares raw arrays and masks are never turned, so the mask decides:
-    an image is turned only when its mask has the turned shape (orientations 5 to 8 swap the
-    axes). Where the shape cannot tell (flips, half turns, square images), the stored pixels
-    are kept, as the scorer would compare them."""
+    an image is turned when its mask has the turned shape (orientations 5 to 8 swap the
+    axes). Where the shape cannot tell (flips, half turns, square images) and the files are
+    given, the content decides (orientation_by_content); (None, note) then means that it
+    could not, and the pair is not to be used. Without the files the stored pixels are kept,
+    as the scorer would compare them."""
     o = image_info_["orientation"]
     if o == 1:
         return True, None
     turned = (image_info_["height"], image_info_["width"])
     stored = turned[::-1] if o in (5, 6, 7, 8) else turned
-    if turned != stored and same_aspect(mask_hw, turned) and not same_aspect(mask_hw, stored):
+    fits_turned, fits_stored = same_aspect(mask_hw, turned), same_aspect(mask_hw, stored)
+    if fits_turned and not fits_stored:
         return True, f"EXIF orientation {o} applied: its mask has the turned shape"
-    if turned != stored:
-        if same_aspect(mask_hw, stored):
-            return False, (f"EXIF orientation {o} not applied: its mask has the shape of the "
-                           f"image as stored")
+    if fits_stored and not fits_turned:
+        return False, (f"EXIF orientation {o} not applied: its mask has the shape of the "
+                       f"image as stored")
+    if not fits_stored:
         return False, f"EXIF orientation {o} not applied"
-    return False, (f"EXIF orientation {o} not applied: a flip or half turn cannot be told from "
-                   f"the mask's shape, so the stored pixels are used, as the ISIC scorer does")
+    if image_path is not None and mask_path is not None:
+        return orientation_by_content(image_path, mask_path, o)
+    return False, (f"EXIF orientation {o} not applied: a flip, half turn or square image "
+                   f"cannot be told from the mask's shape, so the stored pixels are used")
+
+
+ORIENTATION_MARGIN = 8.0  # grey levels (of 255) by which one orientation must win
+
+
+def lesion_contrast(image, mask):
+    """Mean grey level outside the mask minus inside it: lesions are darker than skin."""
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    if grey.shape != mask.shape:
+        grey = cv2.resize(grey, mask.shape[::-1], interpolation=cv2.INTER_AREA)
+    inside = mask > 0
+    return float(grey[~inside].mean() - grey[inside].mean())
+
+
+def orientation_by_content(image_path, mask_path, orientation):
+    """(turn by EXIF?, note) for a pair whose mask fits the image both ways: the way that puts
+    the mask on the darker, lesion-like pixels, by at least ORIENTATION_MARGIN grey levels;
+    (None, note) when neither wins by that much."""
+    mask = read_mask(mask_path)
+    if mask.min() == mask.max():  # an empty or full mask fits either way alike
+        return False, (f"EXIF orientation {orientation} not applied: its mask is uniform, so "
+                       f"the stored pixels are used")
+    side = (max(mask.shape),) * 2
+    turned = lesion_contrast(read_image(image_path, min_hw=side, exif=True), mask)
+    stored = lesion_contrast(read_image(image_path, min_hw=side, exif=False), mask)
+    figures = f"the lesion is {turned:.0f} grey levels darker turned, {stored:.0f} as stored"
+    if abs(turned - stored) < ORIENTATION_MARGIN:
+        return None, (f"EXIF orientation {orientation}: the mask fits the image both ways and "
+                      f"its content cannot tell which ({figures})")
+    if turned > stored:
+        return True, f"EXIF orientation {orientation} applied, decided by content ({figures})"
+    return False, f"EXIF orientation {orientation} not applied, decided by content ({figures})"
 
 
 # ---------------------------------------------------------------------------- to network size
@@ -378,6 +452,7 @@ def process_map(fn, tasks, processes, chunksize, desc, unit, progress=True):
     from multiprocessing import get_context
     from tqdm import tqdm
 
+    before_fork()
     with get_context("spawn" if sys.platform == "darwin" else "fork").Pool(processes) as pool:
         results = list(tqdm(pool.imap(fn, tasks, chunksize=chunksize), total=len(tasks),
                             desc=desc, unit=unit, disable=not progress))

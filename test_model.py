@@ -8,8 +8,6 @@
 Edit the constants below, or pass the matching flag.
 """
 import argparse
-import csv
-import io
 import json
 import os
 import random
@@ -17,11 +15,10 @@ import sys
 from pathlib import Path
 
 # ----------------------------------------------------------------------------- settings
-MODEL_DIR = "Model"                # the newest *.pth under it is the default checkpoint
+MODEL_DIR = "Model"                # where the default checkpoint is looked for (see CHECKPOINT)
 CHECKPOINT = None                  # checkpoint path(s) or folder(s): several are an ensemble
-                                   #   (mean probability); None: the newest best model in MODEL_DIR
-OUT_DIR = None                     # None: beside the checkpoint, in predictions/ (single images)
-                                   #   and evaluation/<split>/, evaluation/threshold_<split>/
+                                   #   (mean probability); None: the newest best model under
+                                   #   MODEL_DIR, one on real data before a demo model
 EVALUATE_SPLIT = "test"            # split scored by --evaluate
 ANALYSIS_SPLIT = "valid"           # split of --threshold-analysis (never tune on test)
 THRESHOLD = None                   # None: the threshold stored in the checkpoint (train_model's)
@@ -36,6 +33,7 @@ SEED = None                        # seed of the random test image; None: a new 
 DEVICE = "auto"                    # "auto" (CUDA when present), "cuda" or "cpu"
 MIXED_PRECISION = True             # autocast on CUDA only; probabilities are taken in float32
 CHANNELS_LAST = True               # channels_last memory format, on CUDA only
+CUDNN_BENCHMARK = True             # CUDA: let cuDNN pick the fastest kernels for the input size
 FIGURE_MAX_SIDE = 1024             # bigger images are shrunk to this for the overlay figure
 # ---------------------------------------------------------------------------------------
 
@@ -61,13 +59,20 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------- model
 
 def find_checkpoint(model_dir):
-    """The newest best-model checkpoint under model_dir (resume states *_last.pth excluded)."""
-    found = [p for p in Path(model_dir).rglob("*.pth") if not p.name.endswith("_last.pth")]
+    """(the default checkpoint, why it was picked): the newest best model under model_dir,
+    one trained on real data before a demo model (resume states are never picked)."""
+    found = [p for p in Path(model_dir).rglob("*.pth") if not model_lib.is_resume_state(p)]
     if not found:
         raise UsageError(f"no checkpoint (*.pth) under {model_dir}/: train one first with "
                          f"`python train_model.py` (or `python train_model.py --demo`), "
                          f"or pass --checkpoint PATH")
-    return max(found, key=lambda p: p.stat().st_mtime)
+    real = [p for p in found if not model_lib.checkpoint_fields(p, ("demo",)).get("demo")]
+    newest = max(real or found, key=lambda p: p.stat().st_mtime)
+    why = (f"the newest of {len(found)} best model(s) under {model_dir}/"
+           + ("" if real or len(found) == 1 else ", all of them demo models")
+           + (f", demo models left aside" if real and len(real) < len(found) else "")
+           + "; --checkpoint picks another")
+    return newest, why
 
 
 def predict_batch(model, images, device, tta="none"):
@@ -88,6 +93,7 @@ def predict(model, ckpt, image_path, device, exif=True, hw=None, tta="none"):
 class Predictor:
     """One checkpoint, or an ensemble of several, with test-time views: the mean lesion
     probability over every member and view, each member with its own preprocessing."""
+    why = "given by --checkpoint"  # how the checkpoint was chosen, for the console
 
     def __init__(self, members, device, tta="none"):
         self.members = list(members)  # [(model, checkpoint dict, path)]
@@ -98,6 +104,14 @@ class Predictor:
     def name(self):
         return Path(self.path).name if len(self.members) == 1 else \
             f"ensemble of {len(self.members)} ({Path(self.path).parent})"
+
+    def describe(self):
+        """What a result names beside its scores: the models, their encoders and sizes, and
+        the data they were trained on."""
+        return {"models": [{"checkpoint": str(path), "encoder": ckpt.get("encoder"),
+                            "image_size": list(ckpt.get("image_size", [])),
+                            "epoch": ckpt.get("epoch"), "trained_on": ckpt.get("data_dir")}
+                           for _, ckpt, path in self.members]}
 
     def batch(self, images, pairs):
         """A map per image of the loader's batch of `pairs`, for preprocess.prob_to_original:
@@ -125,13 +139,17 @@ def load_predictor(paths, model_dir, device, tta="none"):
     """A Predictor of the checkpoint files given (a folder: its best models), else the newest."""
     files = []
     for path in map(Path, paths or []):
-        files += sorted(p for p in path.glob("*.pth") if not p.name.endswith("_last.pth")) \
-            if path.is_dir() else [path]
+        files += model_lib.best_models(path) if path.is_dir() else [path]
     if paths and not files:
         raise UsageError(f"no checkpoint (*.pth) in {' '.join(map(str, paths))}")
-    files = files or [find_checkpoint(model_dir)]
+    why = "given by --checkpoint"
+    if not files:
+        newest, why = find_checkpoint(model_dir)
+        files = [newest]
     members = [(*model_lib.load_model(p, device, CHANNELS_LAST), p) for p in files]
-    return Predictor(members, device, tta)
+    predictor = Predictor(members, device, tta)
+    predictor.why = why
+    return predictor
 
 
 def finish_mask(prob, threshold, postprocess):
@@ -166,9 +184,25 @@ def image_files(paths):
             found.append(path)
         else:
             print(f"skipped {path}: no such file or folder", file=sys.stderr)
-    beside = [p.with_name(f"{p.stem}_segmentation.png") for p in found]
-    return [(p, m if m.is_file() else None, name)
-            for p, m, name in zip(found, beside, unique_names(found))]
+    return [(p, true_mask_of(p), name) for p, name in zip(found, unique_names(found))]
+
+
+def true_mask_of(image):
+    """The true mask of an image, where one lies beside it (<stem>_segmentation.png) or in a
+    masks folder beside its images folder, as the data scan pairs them; else None."""
+    image = Path(image)
+    names = (f"{image.stem}_segmentation.png", f"{image.stem}_mask.png", f"{image.stem}.png")
+    try:
+        siblings = sorted(d for d in image.parent.absolute().parent.iterdir() if d.is_dir())
+    except OSError:
+        siblings = []
+    folders = [image.parent] + [d for d in siblings if d != image.parent.absolute()
+                                and load_dataset.MASK_FOLDER.search(d.name)]
+    for folder in folders:
+        for name in names[:2] if folder == image.parent else names:
+            if (folder / name).is_file():
+                return folder / name
+    return None
 
 
 def unique_names(paths):
@@ -188,10 +222,24 @@ def unique_names(paths):
     return names
 
 
+def data_dir_of(ckpt, data):
+    """The data folder to score: --data, else the one the checkpoint was trained on."""
+    return Path(data or ckpt.get("data_dir") or load_dataset.DATA_DIR)
+
+
+def scored_folder(predictor, data, split):
+    """<split>, or <split>_<data folder name> for data other than the checkpoint's own: the
+    results of two datasets never share a folder."""
+    own = predictor.ckpt.get("data_dir")
+    if data is None or (own and Path(data).resolve() == Path(own).resolve()):
+        return split
+    return f"{split}_{Path(data).resolve().name}"
+
+
 def load_split(ckpt, data, split):
     """Pairs of a split, found as the checkpoint's training run found them (or under --data);
     a fold model's train and valid splits are those of its fold."""
-    data_dir = Path(data or ckpt.get("data_dir") or load_dataset.DATA_DIR)
+    data_dir = data_dir_of(ckpt, data)
     if data or not ckpt.get("split_file"):
         split_file = load_dataset.split_file_for(data_dir)
     else:
@@ -201,7 +249,7 @@ def load_split(ckpt, data, split):
         where = "given by --data" if data else "recorded in the checkpoint"
         raise UsageError(f"no image/mask pairs under {data_dir} (the data folder {where}); "
                          f"pass --data DIR")
-    seed = load_dataset.SEED if ckpt.get("seed") is None else ckpt["seed"]
+    seed = ckpt.get("seed")  # None (older checkpoints): the split as saved
     splits = load_dataset.split_pairs(found, seed=seed, split_file=split_file)
     if ckpt.get("fold") is not None:
         splits = load_dataset.fold_splits(found, splits, ckpt["folds"], ckpt["fold"], seed,
@@ -253,9 +301,7 @@ def save_overlay(image_path, prob, pred, truth, path, title, exif=True):
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    with preprocess.atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    preprocess.save_figure(fig, path)
 
 
 def predict_files(predictor, items, out, threshold, postprocess=False):
@@ -317,9 +363,10 @@ def split_probabilities(predictor, pairs, batch_size, workers, desc):
 
     The images and masks go through load_dataset's Dataset exactly as validation during
     training reads them (same decode, resize and normalisation, from the checkpoint)."""
-    loader = load_dataset.make_loader(pairs, predictor.settings, batch_size,
-                                      workers=workers, truth=True,
-                                      pin_memory=predictor.device.type == "cuda")
+    options = load_dataset.LoaderOptions(workers=workers,
+                                         pin_memory=predictor.device.type == "cuda")
+    loader = load_dataset.make_loader(pairs, predictor.settings, batch_size, options,
+                                      truth=True)
     by_id = {pair.id: pair for pair in pairs}
     with tqdm(total=len(pairs), desc=desc, unit="image") as bar:
         for batch in loader:
@@ -362,25 +409,20 @@ def evaluate_split(predictor, pairs, out, threshold, batch_size=BATCH_SIZE, work
                                        metrics.scores(*confusion).items()},
                      "predicted_area": round((tp + fp) / total, 6),
                      "true_area": round((tp + fn) / total, 6)})
-    write_csv(out / "per_image.csv", rows, ["id", *metrics.SCORE_NAMES, "predicted_area",
-                                             "true_area"])
+    preprocess.write_csv(out / "per_image.csv", rows,
+                         ["id", *metrics.SCORE_NAMES, "predicted_area", "true_area"])
     summary = metrics.mean_scores(counts)
     summary.update(split=split, checkpoint=[str(p) for _, _, p in predictor.members]
                    if len(predictor.members) > 1 else str(predictor.path),
                    epoch=predictor.ckpt.get("epoch"), recipe=[c.get("recipe") for _, c, _ in
                                                                predictor.members]
                    if len(predictor.members) > 1 else predictor.ckpt.get("recipe"),
-                   threshold=threshold, tta=predictor.tta, postprocess=postprocess)
+                   threshold=threshold, tta=predictor.tta, postprocess=postprocess,
+                   **predictor.describe())
+    if len(predictor.members) > 1:
+        summary["epoch"] = [c.get("epoch") for _, c, _ in predictor.members]
     preprocess.write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
-
-
-def write_csv(path, rows, columns):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    preprocess.write_text(path, text.getvalue())
 
 
 def threshold_counts(prob, truth, thresholds):
@@ -423,9 +465,10 @@ def threshold_analysis(predictor, pairs, out, thresholds=THRESHOLDS, batch_size=
     out.mkdir(parents=True, exist_ok=True)
     report_replaced(out, ["threshold_curve.csv", "probability_histogram.csv",
                           "threshold_analysis.png"])
-    write_csv(out / "threshold_curve.csv", curve, ["threshold", *metrics.SCORE_NAMES, "images"])
+    preprocess.write_csv(out / "threshold_curve.csv", curve,
+                         ["threshold", *metrics.SCORE_NAMES, "images"])
     edges = np.linspace(0, 1, HISTOGRAM_BINS + 1)
-    write_csv(out / "probability_histogram.csv",
+    preprocess.write_csv(out / "probability_histogram.csv",
               [{"bin_start": round(edges[i], 4), "bin_end": round(edges[i + 1], 4),
                 "background_pixels": int(hist[0, i]), "lesion_pixels": int(hist[1, i])}
                for i in range(HISTOGRAM_BINS)],
@@ -463,9 +506,7 @@ def plot_analysis(hist, edges, curve, best, path, title):
     right.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    with preprocess.atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    preprocess.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- variants
@@ -509,11 +550,15 @@ def cross_validation(model_dir, device, args):
     The best model of a fold was chosen on that same fold, which flatters its score a little;
     `--last` scores each fold's last epoch instead (the resume state), which was not."""
     last = args.last
-    files = sorted(p for p in Path(model_dir).glob("*_fold*.pth")
-                   if p.name.endswith("_last.pth") == last)
+    given = [Path(p) for p in args.checkpoint or []]  # files, or folders to look in
+    candidates = [p for where in (given or [Path(model_dir)])
+                  for p in (sorted(where.glob("*.pth")) if where.is_dir() else [where])]
+    files = [p for p in candidates if model_lib.fold_of(p) is not None
+             and model_lib.is_resume_state(p) == last]
     if not files:
+        where = " ".join(map(str, given)) if given else model_dir
         raise UsageError(f"no fold model (*_fold<I>{'_last' if last else ''}.pth) in "
-                         f"{model_dir}: train them with `python train_model.py --folds K "
+                         f"{where}: train them with `python train_model.py --folds K "
                          f"--fold I`")
     rows, per_fold, scored = [], {}, {}
     for path in files:
@@ -539,8 +584,8 @@ def cross_validation(model_dir, device, args):
 def summarise_folds(rows, per_fold, out, scored):
     out.mkdir(parents=True, exist_ok=True)
     report_replaced(out, ["per_image.csv", "summary.json"])
-    write_csv(out / "per_image.csv", rows, ["fold", "id", "tta", "postprocess",
-                                            *metrics.SCORE_NAMES])
+    preprocess.write_csv(out / "per_image.csv", rows,
+                         ["fold", "id", "tta", "postprocess", *metrics.SCORE_NAMES])
     summary = {"checkpoints": scored}
     for variant, folds in per_fold.items():
         mine = [r for r in rows if (r["tta"], r["postprocess"]) == variant]
@@ -605,6 +650,8 @@ def run(args):
         raise UsageError("--last goes with --cross-validation; elsewhere name the files: "
                          "--checkpoint Model/*_fold?_last.pth")
     device = model_lib.pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
     if args.cross_validation:
         cross_validation(args.cross_validation, device, args)
         return 0
@@ -612,21 +659,28 @@ def run(args):
     ckpt = predictor.ckpt
     threshold = args.threshold if args.threshold is not None else float(ckpt.get("threshold", 0.5))
     for _, member, path in predictor.members:
-        print(f"checkpoint: {path} (FPN {member['encoder']}, epoch {member.get('epoch')}, valid "
-              f"IoU {float(member.get('valid_iou') or 0):.4f})")
+        size = "x".join(map(str, member.get("image_size", [])))
+        print(f"checkpoint: {path} ({predictor.why}; FPN {member['encoder']} at {size}, epoch "
+              f"{member.get('epoch')}, valid IoU {float(member.get('valid_iou') or 0):.4f}, "
+              f"trained on {member.get('data_dir')})")
     print(f"device: {device.type}; threshold {threshold:g}; test-time views: {args.tta}; "
           f"post-processing: {'largest region filled' if args.postprocess else 'none'}")
     if ckpt.get("demo"):
         print("note: this checkpoint was trained on generated demo data, not on real lesions")
     outputs = Path(args.out) if args.out else None
-    beside = Path(predictor.path).parent  # outputs stay beside the model that made them
+    # outputs stay beside the model that made them, in a folder of that model's (ensemble's)
+    results = Path(predictor.path).parent / "evaluation" / model_lib.results_name(
+        [path for _, _, path in predictor.members])
     if args.threshold_analysis:
-        analyse(predictor, args, threshold, outputs or beside / "evaluation")
+        analyse(predictor, args, threshold, outputs or results)
     elif args.evaluate:
         split = args.split or EVALUATE_SPLIT
-        out = outputs or beside / "evaluation" / split
-        summary = evaluate_split(predictor, load_split(ckpt, args.data, split), out, threshold,
-                                 args.batch_size, args.workers, split, args.postprocess)
+        out = outputs or results / scored_folder(predictor, args.data, split)
+        pairs = load_split(ckpt, args.data, split)
+        print(f"scoring the {split} split of {data_dir_of(ckpt, args.data)}: "
+              f"{load_dataset.pairs_word(len(pairs))}, into {out}")
+        summary = evaluate_split(predictor, pairs, out, threshold, args.batch_size,
+                                 args.workers, split, args.postprocess)
         print(f"{split} split, {summary['images']} images, threshold {threshold:g}: " + ", ".join(
             f"{name} {summary[name]:.4f}" for name in metrics.SCORE_NAMES))
         print(f"masks: {out / 'masks'} (official score: isic-challenge-scoring segmentation "
@@ -641,7 +695,9 @@ def run(args):
         else:
             pair = random.Random(args.seed).choice(load_split(ckpt, args.data, "test"))
             items = [(pair.image, pair.mask, pair.id)]
-        if not predict_files(predictor, items, outputs or beside / "predictions", threshold,
+        predictions = Path(predictor.path).parent / "predictions" / model_lib.results_name(
+            [path for _, _, path in predictor.members])
+        if not predict_files(predictor, items, outputs or predictions, threshold,
                              args.postprocess):
             raise UsageError("no image could be read")
     return 0
@@ -651,7 +707,8 @@ def analyse(predictor, args, threshold, folder):
     """The threshold sweep, then the score with and without test-time views and
     post-processing at the threshold in use: the choices nnU-Net makes on validation data."""
     split = args.split or ANALYSIS_SPLIT
-    out = folder if args.out else folder / f"threshold_{split}"
+    out = folder if args.out else \
+        folder / f"threshold_{scored_folder(predictor, args.data, split)}"
     pairs = load_split(predictor.ckpt, args.data, split)
     curve, best = threshold_analysis(predictor, pairs, out, THRESHOLDS, args.batch_size,
                                      args.workers, split)

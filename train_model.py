@@ -2,10 +2,11 @@
 
     python train_model.py                 # the paper's settings, data in data/
     python train_model.py --demo          # a minute or a few on a laptop CPU, generated data
-    python train_model.py --resume        # continue a stopped run on the same schedule
+    python train_model.py --resume        # continue the stopped run in Model/, as it was set up
     torchrun --nproc_per_node=4 train_model.py   # 4 GPUs, one process each (DDP)
 
-Edit the constants below for an experiment, or pass the matching flag.
+Edit the constants below for an experiment, or pass the matching flag: every constant has one
+(--lower-case-name; DATA_DIR is --data), and its comment is the flag's help.
 """
 import argparse
 import csv
@@ -24,8 +25,9 @@ ENCODER = "se_resnext50_32x4d"     # FPN encoder; the paper's code used se_resne
 ENCODER_WEIGHTS = "imagenet"       # "imagenet" (downloaded), None (from scratch) or a local file
 ENCODER_DEPTH = 5                  # down-sampling stages: image sides must be multiples of 2**5
 IMAGE_SIZE = (320, 320)            # (height, width) every image is resized to
-MEAN = (0.485, 0.456, 0.406)       # input normalisation (of 0..1 pixels): ImageNet's, which the
-STD = (0.229, 0.224, 0.225)        #   pretrained encoders expect; saved in every checkpoint
+MEAN = (0.485, 0.456, 0.406)       # input normalisation (of 0..1 pixels): ImageNet's mean,
+                                   #   which the pretrained encoders expect; in every checkpoint
+STD = (0.229, 0.224, 0.225)        # and ImageNet's standard deviation, likewise
 BATCH_SIZE = 8                     # images per training step
 EPOCHS = 40                        # the paper's 40 epochs
 LR = 1e-4                          # Adam's learning rate for the first LR_DROP_EPOCH epochs
@@ -36,274 +38,179 @@ AUGMENT = "full"                   # training augmentation: "full" (flips, 90-de
                                    #   affine moves, colour jitter) or "flips" (flips and turns)
 FOLDS = 1                          # K > 1: cross-validation, one run per fold (--fold I)
 THRESHOLD = 0.5                    # probability at or above which a pixel is lesion
-SEED = 42                          # one seed for the split, the model's start and the shuffling
+SEED = 42                          # seed of the model's start and the shuffling, and of the
+                                   #   split the first time (then the split file wins)
 WORKERS = min(8, max(1, (os.cpu_count() or 1) - 1))  # loader processes; one core left to the model
 DEVICE = "auto"                    # "auto" (CUDA when present), "cuda" or "cpu"
 CACHE = True                       # decode and resize each image once, then read the small copy
 MIXED_PRECISION = True             # bfloat16 (or float16) autocast, on CUDA only
 CHANNELS_LAST = True               # channels_last memory format, on CUDA only
 CUDNN_BENCHMARK = True             # let cuDNN pick the fastest kernels for the fixed input size
-DETERMINISTIC = False              # CUDA only: deterministic kernels, runs repeat bit for bit
-                                   #   (slower; turns CUDNN_BENCHMARK off)
+DETERMINISTIC = False              # CUDA only: deterministic kernels where PyTorch has them
+                                   #   (slower; turns CUDNN_BENCHMARK off; it warns for each
+                                   #   operation that has none, which then may still vary)
 SYNC_BATCHNORM = False             # under torchrun: batch-norm statistics over all processes
 
-# --demo: sized for a 2-core CPU in a minute or two; outputs under names no one takes for ISIC
+# --demo (not a setting of its own): sized for a 2-core CPU in a minute or two; outputs under
+# names no one takes for ISIC
 DEMO = dict(data="data/demo", model_dir="Model/demo", encoder="resnet18", encoder_weights=None,
             image_size=(96, 96), batch_size=8, epochs=8, lr=1e-3, lr_drop_epoch=6,
             lr_after_drop=1e-4)
 # ---------------------------------------------------------------------------------------
 
-import numpy as np  # noqa: E402  (the settings above come first, as a reader looks for them)
+import argparse  # noqa: E402  (the settings above come first, as a reader looks for them)
+import ast  # noqa: E402
+import io  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import tokenize  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import demo_data  # noqa: E402
 import load_dataset  # noqa: E402
-import metrics  # noqa: E402
 import model as model_lib  # noqa: E402
 import preprocess  # noqa: E402
-from model import CheckpointError, SettingError  # noqa: E402
+from model import (CheckpointError, NonFiniteLoss, SettingError, gather, main_process,  # noqa: E402,F401
+                   rank, sum_over_processes, train_one_epoch, validate, world_size)
 
 LISTED_FILES = 20  # corrected/skipped files named on the console; the data report lists all
 CHECKPOINT_COPIES = 7  # model sizes on disk at the worst moment: best + last (3x, with Adam's
                        # two moments) + the temporary copy of the last being written
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss or the model became NaN or infinite; the message names the epoch and step."""
-
-
 class Interrupted(Exception):
     """Ctrl-C during training; the message says which epoch the resume state holds."""
 
 
-# ----------------------------------------------------------------------------- processes
-
-def world_size():
-    """Processes training together: torchrun's WORLD_SIZE, 1 for a plain `python` run."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank():
-    return dist.get_rank() if world_size() > 1 else 0
-
-
-def main_process():
-    """Only the first process prints, writes the CSV, the figures and the checkpoints."""
-    return rank() == 0
-
-
-def gather(values):
-    """Every process's list of values, concatenated in rank order (one process: as is)."""
-    if world_size() == 1:
-        return list(values)
-    everyone = [None] * world_size()
-    dist.all_gather_object(everyone, list(values))
-    return [v for part in everyone for v in part]
-
-
-def sum_over_processes(*numbers):
-    if world_size() == 1:
-        return numbers
-    total = torch.tensor(numbers, dtype=torch.float64)
-    dist.all_reduce(total)  # a CPU tensor: gloo carries it (beside NCCL on CUDA runs)
-    return tuple(total.tolist())
-
-
-# ----------------------------------------------------------------------------- schedule
-
-def lr_for_epoch(epoch, lr=LR, drop_epoch=LR_DROP_EPOCH, lr_after=LR_AFTER_DROP):
-    """Learning rate of a 1-based epoch: LR through epoch `drop_epoch`, then LR_AFTER_DROP.
-
-    A rule on the epoch number, so a resumed run lands on the same schedule."""
-    return lr if epoch <= drop_epoch else lr_after
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:  # every group, not only the decoder's
-        group["lr"] = lr
-
-
-# ----------------------------------------------------------------------------- loops
-
-def train_one_epoch(model, loader, loss_fn, optimizer, device, epoch, iter_log, scaler=None,
-                    mixed=False, channels_last=False, threshold=THRESHOLD, progress=True,
-                    stats=None):
-    """One pass over the training loader; returns the mean training loss.
-
-    `iter_log` receives (loss, mean IoU of the batch at network size) per step: the paper's
-    Figures 8 and 9. `stats`, when a dict, receives "images": how many were trained on (fewer
-    than the loader holds when files became unreadable during the run)."""
-    model.train()
-    total, seen, skipped = 0.0, 0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress)
-    for step, batch in enumerate(bar, 1):
-        # every file of the batch became unreadable: skip the step, and under torchrun every
-        # process skips it, or the others would wait in the gradient all-reduce for this one
-        # (a second small all-reduce per step beside the NaN flag below)
-        (empty,) = sum_over_processes(1.0 if batch is None else 0.0)
-        if empty:
-            skipped += 0 if batch is None else len(batch[0])  # read, but skipped with it
-            continue
-        images, masks = model_lib.to_device(batch[0], device, channels_last), batch[1].to(device)
-        with model_lib.autocast(device, mixed):
-            logits = model(images)
-        loss = loss_fn(logits.float(), masks)  # the loss in float32: float16 sums overflow
-        loss_value = loss.item()  # one device sync per step, reused below
-        # under torchrun every process learns of a NaN anywhere and stops at the same step
-        (broken,) = sum_over_processes(0.0 if math.isfinite(loss_value) else 1.0)
-        if broken:
-            # before the optimiser step: the weights and every checkpoint stay as they were
-            value = loss_value if not math.isfinite(loss_value) else "NaN in another process"
-            raise NonFiniteLoss(f"the training loss became {value} at epoch {epoch}, "
-                                f"step {step}; stopped before updating the model (the best "
-                                f"checkpoint is untouched). Lower LR, or turn MIXED_PRECISION "
-                                f"off.")
-        model_lib.optimizer_step(loss, optimizer, scaler)
-        with torch.no_grad():
-            counts = metrics.batch_confusion(torch.sigmoid(logits.float()), masks, threshold)
-        n = images.shape[0]
-        total += loss_value * n
-        seen += n
-        iter_log.append((loss_value, metrics.mean_scores(counts.tolist())["iou"]))
-        bar.set_postfix(loss=f"{total / seen:.4f}")
-    total, seen, skipped = sum_over_processes(total, seen, skipped)
-    if stats is not None:
-        stats["images"], stats["skipped"] = int(seen), int(skipped)
-    return total / max(seen, 1)
-
-
-@torch.inference_mode()
-def validate(model, loader, loss_fn, device, threshold=THRESHOLD, mixed=False,
-             channels_last=False, threads=2):
-    """Mean loss (at network size) and per-image mean scores at each image's original size.
-
-    Each probability map is resized to its true mask's size and cut at `threshold` exactly as
-    test_model.py --evaluate does, so the CSV, the choice of the best checkpoint and the
-    evaluation report the same numbers. The true masks come with the batches (packed bits,
-    from the cache): no original is decoded per epoch or held beyond its batch."""
-    model.eval()
-    losses = []
-
-    def per_image():
-        for batch in loader:
-            if batch is None:
-                continue
-            images, masks, _, truths = batch
-            with model_lib.autocast(device, mixed):
-                logits = model(model_lib.to_device(images, device, channels_last)).float()
-            losses.append((loss_fn(logits, masks.to(device)).item(), len(images)))
-            for prob, (bits, hw) in zip(torch.sigmoid(logits)[:, 0].cpu().numpy(), truths):
-                yield prob, bits, hw
-
-    def score(prob, bits, hw):  # in the scoring threads, beside the model
-        return metrics.confusion_at_original(prob, preprocess.unpack_truth(bits, hw), threshold)
-
-    # each process scores its share of the images; every image is counted once, everywhere
-    counts = gather(preprocess.ordered_map(score, per_image(), threads))
-    result = metrics.mean_scores(counts)
-    total, seen = sum_over_processes(sum(loss * n for loss, n in losses),
-                                     sum(n for _, n in losses))
-    result["loss"] = total / seen if seen else float("nan")
-    return result
-
-
-# ----------------------------------------------------------------------------- logs
-
-LOG_COLUMNS = ["epoch", "lr", "train_loss", "valid_loss", "valid_iou", "valid_dice",
-               "valid_threshold_jaccard", "seconds"]
-
-
-def write_log(rows, path):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=LOG_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    preprocess.write_text(path, text.getvalue())
-
-
-def plot_curves(rows, iter_log, path, title):
-    """Per-iteration training loss and IoU, and per-epoch validation curves, in one figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    if iter_log:
-        losses, ious = np.array(iter_log).T
-        steps = np.arange(1, len(losses) + 1)
-        axes[0].plot(steps, losses, lw=0.6, color="tab:blue")
-        axes[0].set(title="training loss per iteration", xlabel="iteration", ylabel="loss")
-        axes[1].plot(steps, ious, lw=0.6, color="tab:green")
-        axes[1].set(title="training IoU per iteration (network size)", xlabel="iteration",
-                    ylabel="IoU", ylim=(0, 1))
-    epochs = [r["epoch"] for r in rows]
-    axes[2].plot(epochs, [r["train_loss"] for r in rows], "o-", label="train loss")
-    axes[2].plot(epochs, [r["valid_loss"] for r in rows], "o-", label="valid loss")
-    axes[2].plot(epochs, [r["valid_iou"] for r in rows], "s-", label="valid IoU (original size)")
-    axes[2].plot(epochs, [r["valid_dice"] for r in rows], "^--", label="valid Dice")
-    axes[2].set(title="per epoch", xlabel="epoch", ylim=(0, 1))
-    axes[2].legend(loc="center right")
-    fig.suptitle(title)
-    fig.tight_layout()
-    with preprocess.atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- settings
+# Every constant of the settings block above is a setting: its flag is --lower-case-name, its
+# help is its comment, its default its value. How a saved run treats it follows from these:
+MACHINE = ("MODEL_DIR", "WORKERS", "DEVICE", "CACHE", "MIXED_PRECISION", "CHANNELS_LAST",
+           "CUDNN_BENCHMARK", "DETERMINISTIC", "SYNC_BATCHNORM")  # how this machine runs the
+# run, not what the run is: free to differ on a resume. Every other setting belongs to the run:
+# its checkpoints record it (the recipe), and --resume takes it from the state and refuses a
+# flag that differs, except these, which a resume may change:
+CHANGEABLE = ("EPOCHS",  # to extend a run
+              "DATA_DIR")  # a moved or copied data folder: the split's digest must still match
+FLAG_NAMES = {"DATA_DIR": "--data"}  # flags not named after their constant
+METAVARS = {"IMAGE_SIZE": ("H", "W"), "MEAN": ("R", "G", "B"), "STD": ("R", "G", "B")}
+CHOICES = {"LOSS": model_lib.LOSSES, "AUGMENT": preprocess.AUGMENTS,
+           "DEVICE": model_lib.DEVICES}
 
-def parse_args(argv=None):
-    def weights(value):
-        return None if value.lower() in ("none", "null", "") else value
 
+def weights_value(value):
+    return None if value.lower() in ("none", "null", "") else value
+
+
+FLAG_TYPES = {"ENCODER_WEIGHTS": weights_value}
+
+
+def settings_block(source):
+    """[(NAME, help)] of the constants in the settings block of a script's source (between the
+    "settings" rule and the next rule): the help is the comment on the constant's line and the
+    indented comment lines under it."""
+    lines = source.splitlines()
+    start = next(i for i, line in enumerate(lines, 1)
+                 if line.startswith("# ---") and line.rstrip().endswith(" settings"))
+    end = next(i for i in range(start + 1, len(lines) + 1) if lines[i - 1].startswith("# ---"))
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                if t.type == tokenize.COMMENT}
+    found = []
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.Assign) and start < node.lineno < end
+                and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            continue
+        text, line = [comments.get(node.end_lineno, "")], node.end_lineno + 1
+        while line < end and lines[line - 1][:1].isspace() and \
+                lines[line - 1].strip().startswith("#"):
+            text.append(comments[line])
+            line += 1
+        found.append((node.targets[0].id, " ".join(t for t in text if t)))
+    return [(name, text) for name, text in found if name != "DEMO"]
+
+
+SETTINGS = settings_block(Path(__file__).read_text())
+
+
+def dest(name):
+    return FLAG_NAMES.get(name, "--" + name.lower().replace("_", "-"))[2:].replace("-", "_")
+
+
+RUN_KEYS = tuple(dest(name) for name, _ in SETTINGS if name not in MACHINE)  # the recipe
+CONSTANT_OF = {dest(name): name for name, _ in SETTINGS}
+
+
+def add_setting_flags(parser):
+    """One flag per setting, its default the constant's value, its help the comment."""
+    for name, text in SETTINGS:
+        default = globals()[name]
+        flag = FLAG_NAMES.get(name, "--" + name.lower().replace("_", "-"))
+        options = dict(default=default, dest=dest(name), help=text or name)
+        if isinstance(default, bool):
+            options["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            options.update(nargs=len(default), type=type(default[0]),
+                           metavar=METAVARS.get(name, (name,) * len(default)))
+        else:
+            options["type"] = FLAG_TYPES.get(name, str if default is None else type(default))
+        if name in CHOICES:
+            options["choices"] = CHOICES[name]
+        parser.add_argument(flag, **options)
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=DATA_DIR, help="data folder")
-    p.add_argument("--model-dir", default=MODEL_DIR, help="output folder")
-    p.add_argument("--encoder", default=ENCODER)
-    p.add_argument("--encoder-weights", type=weights, default=ENCODER_WEIGHTS,
-                   help="imagenet | none | PATH to a local weights file")
-    p.add_argument("--encoder-depth", type=int, default=ENCODER_DEPTH)
-    p.add_argument("--image-size", type=int, nargs=2, default=IMAGE_SIZE, metavar=("H", "W"))
-    p.add_argument("--mean", type=float, nargs=3, default=MEAN, metavar=("R", "G", "B"))
-    p.add_argument("--std", type=float, nargs=3, default=STD, metavar=("R", "G", "B"))
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--lr-drop-epoch", type=int, default=LR_DROP_EPOCH)
-    p.add_argument("--lr-after-drop", type=float, default=LR_AFTER_DROP)
-    p.add_argument("--loss", default=LOSS, choices=["dice", "dice+bce"])
-    p.add_argument("--augment", default=AUGMENT, choices=preprocess.AUGMENTS)
-    p.add_argument("--folds", type=int, default=FOLDS, help="K folds of the training pairs")
+    add_setting_flags(p)
     p.add_argument("--fold", type=int, default=None,
-                   help="with --folds K: the fold (0..K-1) that validates; the others train")
-    p.add_argument("--threshold", type=float, default=THRESHOLD)
-    p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--workers", type=int, default=WORKERS)
-    p.add_argument("--device", default=DEVICE, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-cache", dest="cache", action="store_false", default=CACHE,
-                   help="decode every image every epoch (no preprocessed cache)")
-    p.add_argument("--deterministic", action="store_true", default=DETERMINISTIC,
-                   help="CUDA: deterministic kernels (slower)")
-    p.add_argument("--resume", action="store_true", help="continue from the saved state")
+                   help="with FOLDS=K: the fold (0..K-1) that validates; the others train")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run whose resume state is in --model-dir, with its own "
+                        "settings (--epochs may extend it)")
+    p.add_argument("--replace", action="store_true",
+                   help="start this run over where --model-dir already holds it (or runs on "
+                        "other data)")
     p.add_argument("--redraw-split", action="store_true",
                    help="draw the train/valid/test split anew (after the data changed)")
     p.add_argument("--demo", action="store_true",
                    help="train on generated demo data with CPU-sized settings")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv=None):
+    """The settings of a run: each constant, or the flag that replaces it. `args.given` holds
+    the settings given on the command line (a resume takes the others from its state)."""
+    p = build_parser()
     args = p.parse_args(argv)
+    unset = object()  # a default no flag can produce: what is left unset was not given
+    p.set_defaults(**{a.dest: unset for a in p._actions if a.dest != "help"})
+    again = p.parse_args(argv)
+    args.given = {key for key, value in vars(again).items() if value is not unset}
     if args.demo:  # demo settings replace only what the command line does not set
-        unset = object()  # a default no flag can produce
-        p.set_defaults(**{key: unset for key in DEMO})
-        again = p.parse_args(argv)
         for key, value in DEMO.items():
-            if getattr(again, key) is unset:
+            if key not in args.given:
                 setattr(args, key, value)
-    args.image_size, args.mean, args.std = (tuple(args.image_size), tuple(args.mean),
-                                            tuple(args.std))
+    for key in ("image_size", "mean", "std"):
+        setattr(args, key, tuple(getattr(args, key)))
     return args
+
+
+def recipe(args):
+    """The settings that make the run what it is, as every checkpoint records them."""
+    values = {key: list(value) if isinstance(value, tuple) else value
+              for key, value in ((key, getattr(args, key)) for key in RUN_KEYS)}
+    values["data"] = str(Path(args.data).resolve())
+    return {**values, "fold": args.fold}
 
 
 def check_settings(args):
@@ -334,6 +241,74 @@ def check_settings(args):
                            f"0 <= I < FOLDS when FOLDS > 1, and no --fold otherwise")
 
 
+# ----------------------------------------------------------------------------- schedule
+
+def lr_for_epoch(epoch, lr=LR, drop_epoch=LR_DROP_EPOCH, lr_after=LR_AFTER_DROP):
+    """Learning rate of a 1-based epoch: LR through epoch `drop_epoch`, then LR_AFTER_DROP.
+
+    A rule on the epoch number, so a resumed run lands on the same schedule."""
+    return lr if epoch <= drop_epoch else lr_after
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:  # every group, not only the decoder's
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclass
+class Progress:
+    """How far a run has come; the resume state holds it."""
+    start: int = 1  # the next epoch
+    best_iou: float = -1.0
+    rows: list = field(default_factory=list)  # the CSV's rows so far
+    iter_log: list = field(default_factory=list)  # (loss, IoU) per training step
+    unread: int = 0  # image reads that failed during training
+
+
+@dataclass
+class Run:
+    """One training run: its settings, its files, what its checkpoints say of it, the trainer
+    and its progress."""
+    args: argparse.Namespace
+    paths: dict
+    record: dict  # the settings every checkpoint carries (model.checkpoint_record)
+    trainer: model_lib.Trainer = None
+    progress: Progress = field(default_factory=Progress)
+
+
+LOG_COLUMNS = ["epoch", "lr", "train_loss", "valid_loss", "valid_iou", "valid_dice",
+               "valid_threshold_jaccard", "seconds"]
+
+
+def plot_curves(rows, iter_log, path, title):
+    """Per-iteration training loss and IoU, and per-epoch validation curves, in one figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    if iter_log:
+        losses, ious = np.array(iter_log).T
+        steps = np.arange(1, len(losses) + 1)
+        axes[0].plot(steps, losses, lw=0.6, color="tab:blue")
+        axes[0].set(title="training loss per iteration", xlabel="iteration", ylabel="loss")
+        axes[1].plot(steps, ious, lw=0.6, color="tab:green")
+        axes[1].set(title="training IoU per iteration (network size)", xlabel="iteration",
+                    ylabel="IoU", ylim=(0, 1))
+    epochs = [r["epoch"] for r in rows]
+    axes[2].plot(epochs, [r["train_loss"] for r in rows], "o-", label="train loss")
+    axes[2].plot(epochs, [r["valid_loss"] for r in rows], "o-", label="valid loss")
+    axes[2].plot(epochs, [r["valid_iou"] for r in rows], "s-", label="valid IoU (original size)")
+    axes[2].plot(epochs, [r["valid_dice"] for r in rows], "^--", label="valid Dice")
+    axes[2].set(title="per epoch", xlabel="epoch", ylim=(0, 1))
+    axes[2].legend(loc="center right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    preprocess.save_figure(fig, path)
+
+
 def check_writable(folder):
     """Fail before any training if the outputs cannot be written."""
     folder = Path(folder)
@@ -347,19 +322,374 @@ def check_writable(folder):
                            f"{exc.strerror or exc}") from None
 
 
-def output_paths(args):
-    folder = Path(args.model_dir)
-    stem = f"demo_{args.encoder}" if args.demo else args.encoder
-    if args.fold is not None:
-        stem += f"_fold{args.fold}"
-    return {"best": folder / f"{stem}.pth", "last": folder / f"{stem}_last.pth",
-            "log": folder / f"{stem}_log.csv", "curves": folder / f"{stem}_curves.png",
-            "data_report": folder / f"{stem}_data.txt"}
-
-
 def input_settings(args):
     return preprocess.InputSettings(args.image_size, preprocess.INTERPOLATION, args.mean,
                                     args.std)
+
+
+# ----------------------------------------------------------------------------- resume
+
+def saved_settings(state):
+    """The run's settings as a resume state records them (states saved before the recipe
+    held every setting: the fields they have)."""
+    saved = dict(state.get("recipe") or {})
+    # the fields the model is rebuilt from win over the recipe's copy of them
+    saved.update({key: state[key] for key in ("encoder", "encoder_depth", "image_size", "mean",
+                                              "std", "threshold", "seed", "folds", "fold")
+                  if key in state})
+    if state.get("data_dir"):
+        saved["data"] = state["data_dir"]
+    saved["demo"] = bool(state.get("demo", False))
+    return saved
+
+
+def find_resume_state(args):
+    """The resume state of the run to continue: the one in the model folder, or the newest of
+    those whose names fit the flags given (--encoder, --fold, --demo)."""
+    states = model_lib.resume_states(args.model_dir)
+
+    def fits(path):
+        name = model_lib.RUN_STEM.match(model_lib.stem_of(path))
+        return (("encoder" not in args.given or name["encoder"] == args.encoder)
+                and ("fold" not in args.given or name["fold"] == str(args.fold))
+                and (not args.demo or name["demo"]))
+    pool = [p for p in states if fits(p)] or states
+    if not pool:
+        return None
+    chosen = max(pool, key=lambda p: p.stat().st_mtime)
+    if len(pool) > 1:
+        print(f"note: {len(pool)} resume states in {args.model_dir}; continuing the newest, "
+              f"{chosen.name} (the others: {', '.join(p.name for p in pool if p != chosen)}; "
+              f"pass --encoder or --fold to pick one)")
+    return chosen
+
+
+def load_resume_state(path, args):
+    """The saved state of an interrupted run; the run's settings are taken from it, and a flag
+    given beside --resume that differs from them is refused (every one named)."""
+    state = model_lib.load_checkpoint(path)
+    missing = [k for k in ("epoch", "best_iou", "optimizer_state", "history", "iter_log")
+               if k not in state]
+    if missing:
+        raise CheckpointError(f"--resume: {path} is not a resume state (no {missing[0]!r}); "
+                              f"delete it to start over")
+    saved = saved_settings(state)
+    differ = []
+    for key, value in saved.items():
+        if key in args.given and CONSTANT_OF.get(key) not in CHANGEABLE:
+            current = getattr(args, key)
+            value = tuple(value) if isinstance(current, tuple) else value
+            if value != current:
+                name = CONSTANT_OF.get(key, "--" + key.replace("_", "-"))
+                differ.append(f"{name}={value!r}, not {current!r}")
+    if differ:
+        raise SettingError(f"--resume: {path} was made with {'; '.join(differ)}: drop these "
+                           f"flags to continue it as it was, or pass another --model-dir for a "
+                           f"new run")
+    for key, value in saved.items():
+        if key not in args.given and (key in RUN_KEYS or key in ("fold", "demo")):
+            setattr(args, key, tuple(value) if isinstance(value, list) else value)
+    if not Path(args.data).is_dir():
+        raise SettingError(f"--resume: the run's data folder {args.data} is not there: pass "
+                           f"--data with the folder's new place")
+    return state
+
+
+def start_training(args, state, paths):
+    """(model, optimizer, scaler, progress) for a new run, or as the resume state left them."""
+    torch.manual_seed(args.seed)
+    if state is None:
+        model = model_lib.build_model(args.encoder, args.encoder_weights, args.encoder_depth)
+    else:
+        model = model_lib.model_from_checkpoint(state, paths["last"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scaler = torch.amp.GradScaler("cuda") if args.mixed and not torch.cuda.is_bf16_supported() \
+        else None
+    if state is None:
+        return model, optimizer, scaler, Progress()
+    optimizer.load_state_dict(state["optimizer_state"])
+    if scaler is not None and state.get("scaler_state"):
+        scaler.load_state_dict(state["scaler_state"])
+    progress = Progress(state["epoch"] + 1, state["best_iou"], state["history"],
+                        [tuple(x) for x in state["iter_log"]], state.get("unread", 0))
+    if state.get("processes", world_size()) != world_size() and main_process():
+        print(f"note: the state was saved by a run of {state['processes']} process(es), "
+              f"this one has {world_size()}: each process's share of an epoch changes, so "
+              f"the run will not end exactly as a straight one would")
+    return model, optimizer, scaler, progress
+
+
+def check_same_split(state, record, path):
+    """A run never continues on other images: the state's split digest must match."""
+    saved = state.get("split_digest")
+    if saved and saved != record["split_digest"]:
+        raise SettingError(f"--resume: {path} trained on other images than {record['data']} "
+                           f"now gives (train+valid digest {saved} there, "
+                           f"{record['split_digest']} here): a run never continues on other "
+                           f"data; start a new run with another --model-dir")
+
+
+def resume_state(run, epoch, valid_iou):
+    trainer, progress = run.trainer, run.progress
+    state = model_lib.checkpoint_record(trainer.model, run.record, epoch, valid_iou)
+    state.update(optimizer_state=trainer.optimizer.state_dict(), best_iou=progress.best_iou,
+                 scaler_state=trainer.scaler.state_dict() if trainer.scaler is not None
+                 else None, history=progress.rows,
+                 iter_log=[list(x) for x in progress.iter_log], unread=progress.unread,
+                 epochs=run.args.epochs, processes=world_size())
+    return state
+
+
+def check_epoch_finite(valid, model, epoch):
+    """Stop before saving anything when validation shows a broken (NaN or inf) model."""
+    if valid["images"] and not (math.isfinite(valid["loss"]) and math.isfinite(valid["iou"])):
+        raise NonFiniteLoss(f"the validation loss became {valid['loss']} (IoU {valid['iou']}) "
+                            f"at epoch {epoch}; stopped before saving (the best checkpoint "
+                            f"and the resume state keep the previous epoch). Lower LR.")
+    if not model_lib.weights_finite(model):
+        raise NonFiniteLoss(f"the model's weights became NaN or infinite at epoch {epoch}; "
+                            f"stopped before saving (the best checkpoint is untouched). "
+                            f"Lower LR.")
+
+
+# ----------------------------------------------------------------------------- other runs
+
+def describe_run(path):
+    """"epoch E of N, data D" of a run's checkpoint, read without loading its weights."""
+    fields = model_lib.checkpoint_fields(path, ("epoch", "epochs", "data_dir"))
+    of = f" of {fields['epochs']}" if fields.get("epochs") else ""
+    return f"epoch {fields.get('epoch')}{of}, data {fields.get('data_dir')}"
+
+
+def check_own_files(args, paths):
+    """A new run never silently replaces the run of the same name: it stops, offering the
+    ways on (the demo, whose data is generated, replaces its own with a note)."""
+    earlier = [p for key, p in paths.items() if key != "data_report" and p.exists()]
+    if not earlier or args.resume and paths["last"].exists():
+        return
+    if not (args.replace or args.demo):
+        held = paths["last"] if paths["last"].exists() else paths["best"]
+        what = describe_run(held) if held.exists() else ", ".join(p.name for p in earlier)
+        raise SettingError(f"{paths['best'].parent} already holds the run "
+                           f"{model_lib.stem_of(paths['best'])} ({what}): pass --resume to "
+                           f"continue it, --model-dir NEW to keep both, or --replace to start "
+                           f"it over")
+    if main_process():
+        print(f"note: this new run replaces the earlier one in {paths['best'].parent} "
+              f"({', '.join(p.name for p in earlier)})")
+
+
+def check_other_runs(args, paths, data_digest):
+    """One model folder per dataset: stop before training when the folder holds a run on
+    other data (unless --replace)."""
+    if args.replace:
+        return
+    own = {p.name for p in paths.values()}
+    for path in model_lib.resume_states(args.model_dir) + model_lib.best_models(args.model_dir):
+        if path.name in own:
+            continue
+        fields = model_lib.checkpoint_fields(path, ("data_digest", "data_dir"))
+        theirs = fields.get("data_digest")
+        if theirs and theirs != data_digest:
+            raise SettingError(f"{args.model_dir} holds {path.name}, trained on other data "
+                               f"({fields.get('data_dir')}): pass --model-dir NEW to keep the "
+                               f"runs apart (one model folder per dataset), or --replace to "
+                               f"train here anyway")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    stdout = sys.stdout
+    try:
+        return run_and_report(args)
+    finally:
+        if sys.stdout is not stdout:  # the devnull of a silent torchrun process
+            sys.stdout.close()
+            sys.stdout = stdout
+        if world_size() > 1:
+            dist.destroy_process_group()
+
+
+def run_and_report(args):
+    try:
+        return run(args)
+    except NonFiniteLoss as exc:  # every process stops at once; the first one says why
+        sys.exit(f"error: {exc}" if main_process() else 1)
+    except (SettingError, CheckpointError, load_dataset.SplitMismatch) as exc:
+        sys.exit(f"error: {exc}")
+    except (Interrupted, KeyboardInterrupt) as exc:
+        message = str(exc) if isinstance(exc, Interrupted) else \
+            "interrupted before training started: nothing was saved"
+        tqdm.write(f"interrupted: {message}", file=sys.stderr)  # tqdm.write clears a bar first
+        sys.exit(130)  # 128 + SIGINT, as a shell reports Ctrl-C
+    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
+        if not gpu_out_of_memory(exc):
+            raise
+        sys.exit(f"error: the GPU ran out of memory at BATCH_SIZE={args.batch_size}, "
+                 f"IMAGE_SIZE={args.image_size}: lower BATCH_SIZE (--batch-size) or IMAGE_SIZE "
+                 f"(--image-size), or pick a lighter ENCODER")
+    except OSError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def resolve_run(args):
+    """(the run's files, the resume state or None); with --resume the run's settings come
+    from the state it finds."""
+    found = find_resume_state(args) if args.resume else None
+    if found is None:
+        paths = model_lib.run_files(args.model_dir, run_stem(args))
+        if args.resume:
+            args.resume = False
+            print(f"no saved state at {paths['last']}: starting from the beginning")
+        return paths, None
+    state = load_resume_state(found, args)  # its settings now in args
+    print(f"resuming after epoch {state['epoch']} (best valid IoU {state['best_iou']:.4f}) "
+          f"of {found}: FPN {args.encoder}, data {args.data}, {args.epochs} epochs in all")
+    return model_lib.run_files(args.model_dir, model_lib.stem_of(found)), state
+
+
+def run_stem(args):
+    return model_lib.run_stem(args.encoder, args.fold, args.demo)
+
+
+def run(args):
+    """The story of a run: settings, data, model, the epochs, a summary."""
+    paths, state = resolve_run(args)
+    check_settings(args)
+    setup_processes(args)
+    check_writable(paths["best"].parent)
+    check_own_files(args, paths)
+    if args.encoder_weights == "imagenet" and not args.resume:
+        model_lib.check_hub(args.encoder)  # offline: one line now, not after the data scan
+    found, splits, split_file = load_splits(args, paths["data_report"])
+    if args.lr_drop_epoch >= args.epochs:
+        print(f"note: LR_DROP_EPOCH={args.lr_drop_epoch} is not before the last epoch "
+              f"({args.epochs}): the learning rate stays {args.lr:g}")
+    record = {"encoder": args.encoder, "encoder_depth": args.encoder_depth,
+              "image_size": args.image_size, "interpolation": preprocess.INTERPOLATION,
+              "mean": args.mean, "std": args.std, "threshold": args.threshold,
+              "demo": args.demo, "data": args.data, "split_file": split_file,
+              "fold": args.fold, "folds": args.folds, "seed": args.seed, "recipe": recipe(args),
+              "data_digest": load_dataset.pairs_digest(
+                  [p for pairs in found.splits.values() for p in pairs]),
+              "split_digest": load_dataset.pairs_digest(splits["train"] + splits["valid"])}
+    check_other_runs(args, paths, record["data_digest"])
+    device = setup_device(args)
+    if state is not None:
+        check_same_split(state, record, paths["last"])
+    model, optimizer, scaler, progress = start_training(args, state, paths)
+    if progress.start > args.epochs:
+        print(f"nothing to do: the run already finished its {args.epochs} epochs "
+              f"(best model: {paths['best']})")
+        return 0
+    if main_process():
+        warn_if_disk_low(paths["best"].parent, model)
+    model = place_model(model, device, args)
+    run_ = Run(args, paths, record, model_lib.Trainer(
+        model, model_lib.make_loss(args.loss), device, optimizer, scaler, args.mixed,
+        args.channels_last_on, args.threshold), progress)
+    run_epochs(run_, make_loaders(splits, args, device))
+    print(f"best valid IoU {progress.best_iou:.4f} (per image, at original size); model: "
+          f"{paths['best']}; log: {paths['log']}; curves: {paths['curves']}")
+    if found.corrected or found.skipped or progress.unread:
+        print(f"data: {len(found.skipped)} file(s) skipped and {len(found.corrected)} corrected "
+              f"at the scan (listed in {paths['data_report']})"
+              + (f"; {progress.unread} image read(s) failed during training (see the "
+                 f"warnings)" if progress.unread else ""))
+    return 0
+
+
+def place_model(model, device, args):
+    """The model on its device, in channels_last where used, wrapped for DDP under torchrun."""
+    model.to(device)
+    if args.channels_last_on:
+        model.to(memory_format=torch.channels_last)
+    if world_size() > 1:
+        if args.sync_batchnorm:  # the same Parameter objects: the optimiser still holds them
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def run_epochs(run, loaders):
+    """Train, validate, record and save, epoch after epoch; Ctrl-C says what is saved."""
+    args, progress = run.args, run.progress
+    train_loader, valid_loader = loaders
+    print(f"{'epoch':>5} {'lr':>8} {'train_loss':>10} {'valid_loss':>10} {'valid_iou':>9} "
+          f"{'valid_dice':>10} {'valid_tj':>8} {'seconds':>7}")
+    print("  (valid scores per image at original size; valid_tj: thresholded Jaccard, the "
+          "ISIC 2018 ranking metric: an image's IoU, or 0 below 0.65)")
+    epoch, saved_epoch = progress.start, progress.start - 1
+    try:
+        for epoch in range(progress.start, args.epochs + 1):
+            t0 = time.time()
+            lr = lr_for_epoch(epoch, args.lr, args.lr_drop_epoch, args.lr_after_drop)
+            set_lr(run.trainer.optimizer, lr)
+            # dropout: each epoch's (and process's) draws depend on these alone
+            torch.manual_seed(args.seed + epoch + 1_000_003 * rank())
+            for loader in (train_loader, valid_loader):
+                loader.sampler.set_epoch(epoch)
+            trained = train_one_epoch(run.trainer, train_loader, epoch, progress.iter_log,
+                                      progress=not args.quiet)
+            valid = validate(run.trainer, valid_loader, threads=max(1, args.workers))
+            check_epoch_finite(valid, run.trainer.model, epoch)
+            record_epoch(run, epoch, lr, trained, valid, time.time() - t0)
+            saved_epoch = epoch
+            warn_of_missing_images(run, loaders, trained, valid, epoch)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"in epoch {epoch}; the resume state {run.paths['last']} holds epoch {saved_epoch}: "
+            f"continue with --resume" if saved_epoch else
+            f"in epoch {epoch}, before any epoch finished: nothing was saved") from None
+
+
+def warn_of_missing_images(run, loaders, trained, valid, epoch):
+    train_loader, valid_loader = loaders
+    expected = world_size() * (len(train_loader) * run.args.batch_size
+                               if train_loader.drop_last else len(train_loader.sampler))
+    missing = (expected - trained.images - trained.skipped,
+               len(valid_loader.dataset) - valid["images"])
+    if trained.skipped:
+        print(f"warning: epoch {epoch}: {trained.skipped} training image(s) were read but "
+              f"skipped, with a batch that came back empty in another process", flush=True)
+    if any(missing):
+        run.progress.unread += sum(missing)
+        print(f"warning: epoch {epoch}: {missing[0]} training and {missing[1]} validation "
+              f"image(s) could not be read and were left out (the warnings name the files)",
+              flush=True)
+
+
+def record_epoch(run, epoch, lr, trained, valid, seconds):
+    """The CSV row, the best checkpoint (when improved), the resume state, the curves."""
+    progress, paths = run.progress, run.paths
+    row = {"epoch": epoch, "lr": lr, "train_loss": round(trained.loss, 6),
+           "valid_loss": round(valid["loss"], 6), "valid_iou": round(valid["iou"], 6),
+           "valid_dice": round(valid["dice"], 6),
+           "valid_threshold_jaccard": round(valid["threshold_jaccard"], 6),
+           "seconds": round(seconds, 1)}
+    progress.rows.append(row)
+    # a NaN IoU (no validation image readable) compares False: never the best
+    improved = math.isfinite(valid["iou"]) and valid["iou"] > progress.best_iou
+    if improved:
+        progress.best_iou = valid["iou"]
+    if not main_process():  # the same numbers everywhere; one process writes them
+        return
+    if improved:
+        model_lib.save_checkpoint(model_lib.checkpoint_record(
+            run.trainer.model, run.record, epoch, valid["iou"]), paths["best"])
+    model_lib.save_checkpoint(resume_state(run, epoch, valid["iou"]), paths["last"])
+    preprocess.write_csv(paths["log"], progress.rows, LOG_COLUMNS)
+    plot_curves(progress.rows, progress.iter_log, paths["curves"], title(run.args))
+    print(f"{epoch:>5} {lr:>8.0e} {trained.loss:>10.4f} {valid['loss']:>10.4f} "
+          f"{valid['iou']:>9.4f} {valid['dice']:>10.4f} {valid['threshold_jaccard']:>8.4f} "
+          f"{row['seconds']:>7.1f}" + ("  *best" if improved else ""), flush=True)
+
+
+def title(args):
+    return f"FPN {args.encoder}" + (" (DEMO data)" if args.demo else "") + f", {args.data}"
 
 
 # ----------------------------------------------------------------------------- data
@@ -382,7 +712,7 @@ def load_splits(args, report_path):
 
 
 def scan_and_split(args, report_path):
-    if args.demo and not any(Path(args.data).glob("*Training_Input*")):
+    if args.demo and not demo_data.is_complete(args.data):
         print(f"making demo data in {args.data} ...")
         demo_data.make_demo(args.data)
     found = load_dataset.scan(args.data, progress=not args.quiet)
@@ -412,9 +742,11 @@ def report_data(found, splits, args, report_path):
     The console names the first LISTED_FILES of each kind; the report file beside the model
     lists them all, so a long run's log never hides which files were left out."""
     print(f"data: {found.layout} in {args.data}: " + ", ".join(
-        f"{len(v)} {k}" for k, v in splits.items()) +
+        f"{load_dataset.pairs_word(len(v))} {k}" for k, v in splits.items()) +
         f"; {len(found.corrected)} corrected, {len(found.skipped)} skipped"
         + (f" (all listed in {report_path})" if found.corrected or found.skipped else ""))
+    if len(found.sources) > 1:
+        print(f"  merged {len(found.sources)} image folders: {', '.join(found.sources)}")
     for kind, entries in (("skipped", found.skipped), ("corrected", found.corrected)):
         for path, why in entries[:LISTED_FILES]:
             print(f"  {kind} {os.path.relpath(path, found.root)}: "
@@ -422,7 +754,7 @@ def report_data(found, splits, args, report_path):
         if len(entries) > LISTED_FILES:
             print(f"  ... and {len(entries) - LISTED_FILES} more {kind} (see {report_path})")
     preprocess.write_text(report_path, found.summary() + "\n" + "\n".join(
-        f"Split {k}: {len(v)} pairs" for k, v in splits.items()) + "\n")
+        f"Split {k}: {load_dataset.pairs_word(len(v))}" for k, v in splits.items()) + "\n")
 
 
 def make_loaders(splits, args, device):
@@ -430,12 +762,14 @@ def make_loaders(splits, args, device):
     if args.cache:
         cache = preprocess.PreprocessCache(load_dataset.cache_dir_for(args.data),
                                            args.image_size)
-    common = dict(settings=input_settings(args), batch_size=args.batch_size,
-                  workers=args.workers, cache=cache, seed=args.seed,
-                  pin_memory=device.type == "cuda", rank=rank(), world=world_size())
-    return (load_dataset.make_loader(splits["train"], train=True, augment=args.augment,
-                                     **common),
-            load_dataset.make_loader(splits["valid"], truth=True, **common))
+    options = load_dataset.LoaderOptions(workers=args.workers, cache=cache, seed=args.seed,
+                                         pin_memory=device.type == "cuda", rank=rank(),
+                                         world=world_size())
+    settings = input_settings(args)
+    return (load_dataset.make_loader(splits["train"], settings, args.batch_size, options,
+                                     train=True, augment=args.augment),
+            load_dataset.make_loader(splits["valid"], settings, args.batch_size, options,
+                                     truth=True))
 
 
 # ----------------------------------------------------------------------------- device
@@ -457,26 +791,28 @@ def setup_processes(args):
     dist.init_process_group(backend)
     if not main_process():
         sys.stdout = open(os.devnull, "w")  # one console: the first process speaks for all
-        args.quiet = True
+        args.quiet = True  # main() closes it and puts the console back
     print(f"{world} processes on {device.type} ({carriers}); BATCH_SIZE={args.batch_size} per "
           f"process, {world * args.batch_size} per step")
 
 
 def setup_device(args):
-    """The device, and what runs on it: (device, mixed precision?, channels_last?)."""
+    """The device; sets args.mixed and args.channels_last_on to what runs on it."""
     device = model_lib.pick_device(args.device)
+    args.mixed, args.channels_last_on = False, False
     if device.type == "cpu":
         print("device: CPU (no CUDA device in use; training is far slower than on a GPU)")
-        return device, False, False
+        return device
     if world_size() > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     print(f"device: {torch.cuda.get_device_name()}")
-    torch.backends.cudnn.benchmark = CUDNN_BENCHMARK and not args.deterministic
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark and not args.deterministic
     if args.deterministic:  # the documented cost: slower kernels, no autotuning
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
-    return device, MIXED_PRECISION, CHANNELS_LAST
+    args.mixed, args.channels_last_on = args.mixed_precision, args.channels_last
+    return device
 
 
 def warn_if_disk_low(folder, model):
@@ -497,260 +833,6 @@ GPU_OOM_WORDS = ("CUDA out of memory", "CUDA error: out of memory", "CUDNN_STATU
 def gpu_out_of_memory(exc):
     return isinstance(exc, torch.cuda.OutOfMemoryError) or any(w in str(exc)
                                                               for w in GPU_OOM_WORDS)
-
-
-# ----------------------------------------------------------------------------- state
-
-RESUME_SETTINGS = (("encoder", "ENCODER", "--encoder"),
-                   ("encoder_depth", "ENCODER_DEPTH", "--encoder-depth"),
-                   ("image_size", "IMAGE_SIZE", "--image-size"),
-                   ("mean", "MEAN", "--mean"), ("std", "STD", "--std"),
-                   ("threshold", "THRESHOLD", "--threshold"))  # which epoch is best
-# the recipe: a resume under other values would not end as the straight run does. EPOCHS may
-# change (to extend a run). States written before the recipe was saved: seed and folds only.
-RESUME_RECIPE = (("seed", "SEED", "--seed"), ("folds", "FOLDS", "--folds"),
-                 ("batch_size", "BATCH_SIZE", "--batch-size"), ("lr", "LR", "--lr"),
-                 ("lr_drop_epoch", "LR_DROP_EPOCH", "--lr-drop-epoch"),
-                 ("lr_after_drop", "LR_AFTER_DROP", "--lr-after-drop"),
-                 ("loss", "LOSS", "--loss"), ("augment", "AUGMENT", "--augment"))
-
-
-def recipe(args):
-    """The training settings a resume must share, as saved in every checkpoint."""
-    return {key: getattr(args, key) for key, _, _ in RESUME_RECIPE}
-
-
-def load_resume_state(path, args):
-    """The saved state of an interrupted run, refused when it was made with other settings."""
-    state = model_lib.load_checkpoint(path)
-    missing = [k for k in ("epoch", "best_iou", "optimizer_state", "history", "iter_log")
-               if k not in state]
-    if missing:
-        raise CheckpointError(f"--resume: {path} is not a resume state (no {missing[0]!r}); "
-                              f"delete it to start over")
-    saved_recipe = state.get("recipe") or {k: state[k] for k in ("seed", "folds") if k in state}
-    checks = [(state, setting) for setting in RESUME_SETTINGS] + [
-        (saved_recipe, setting) for setting in RESUME_RECIPE if setting[0] in saved_recipe]
-    for source, (key, constant, flag) in checks:
-        saved, current = source.get(key), getattr(args, key)
-        if isinstance(current, tuple):
-            saved = tuple(saved or ())
-        if saved != current:
-            raise SettingError(f"--resume: {path} was made with {constant}={saved!r}, not "
-                               f"{current!r}: use {flag} as then, or another --model-dir for a "
-                               f"new run")
-    return state
-
-
-def start_training(args, paths, device, mixed):
-    """(model, optimizer, scaler, progress) for a new run, or as the resume state left them."""
-    state = None
-    if args.resume and paths["last"].is_file():
-        state = load_resume_state(paths["last"], args)
-    elif args.resume:
-        print(f"no saved state at {paths['last']}: starting from the beginning")
-    torch.manual_seed(args.seed)
-    if state is None:
-        model = model_lib.build_model(args.encoder, args.encoder_weights, args.encoder_depth)
-    else:
-        model = model_lib.model_from_checkpoint(state, paths["last"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scaler = torch.amp.GradScaler("cuda") if mixed and not torch.cuda.is_bf16_supported() \
-        else None
-    progress = {"start": 1, "best_iou": -1.0, "rows": [], "iter_log": []}
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer_state"])
-        if scaler is not None and state.get("scaler_state"):
-            scaler.load_state_dict(state["scaler_state"])
-        progress = {"start": state["epoch"] + 1, "best_iou": state["best_iou"],
-                    "rows": state["history"], "iter_log": [tuple(x) for x in state["iter_log"]]}
-        print(f"resuming after epoch {state['epoch']} (best valid IoU {state['best_iou']:.4f})")
-        if state.get("processes", world_size()) != world_size() and main_process():
-            print(f"note: the state was saved by a run of {state['processes']} process(es), "
-                  f"this one has {world_size()}: each process's share of an epoch changes, so "
-                  f"the run will not end exactly as a straight one would")
-    return model, optimizer, scaler, progress
-
-
-def resume_state(model, settings, epoch, valid_iou, optimizer, scaler, progress, args):
-    state = model_lib.checkpoint_record(model, settings, epoch, valid_iou)
-    state.update(optimizer_state=optimizer.state_dict(), best_iou=progress["best_iou"],
-                 scaler_state=scaler.state_dict() if scaler is not None else None,
-                 history=progress["rows"], iter_log=[list(x) for x in progress["iter_log"]],
-                 epochs=args.epochs, processes=world_size())
-    return state
-
-
-def check_epoch_finite(valid, model, epoch):
-    """Stop before saving anything when validation shows a broken (NaN or inf) model."""
-    if valid["images"] and not (math.isfinite(valid["loss"]) and math.isfinite(valid["iou"])):
-        raise NonFiniteLoss(f"the validation loss became {valid['loss']} (IoU {valid['iou']}) "
-                            f"at epoch {epoch}; stopped before saving (the best checkpoint "
-                            f"and the resume state keep the previous epoch). Lower LR.")
-    if not model_lib.weights_finite(model):
-        raise NonFiniteLoss(f"the model's weights became NaN or infinite at epoch {epoch}; "
-                            f"stopped before saving (the best checkpoint is untouched). "
-                            f"Lower LR.")
-
-
-# ----------------------------------------------------------------------------- main
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run_and_report(args)
-    finally:
-        if world_size() > 1:
-            dist.destroy_process_group()
-
-
-def run_and_report(args):
-    try:
-        return run(args)
-    except NonFiniteLoss as exc:  # every process stops at once; the first one says why
-        sys.exit(f"error: {exc}" if main_process() else 1)
-    except (SettingError, CheckpointError, load_dataset.SplitMismatch) as exc:
-        sys.exit(f"error: {exc}")
-    except (Interrupted, KeyboardInterrupt) as exc:
-        message = str(exc) if isinstance(exc, Interrupted) else \
-            "interrupted before training started: nothing was saved"
-        tqdm.write(f"interrupted: {message}", file=sys.stderr)  # tqdm.write clears a bar first
-        sys.exit(130)  # 128 + SIGINT, as a shell reports Ctrl-C
-    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
-        if not gpu_out_of_memory(exc):
-            raise
-        sys.exit(f"error: the GPU ran out of memory at BATCH_SIZE={args.batch_size}, "
-                 f"IMAGE_SIZE={args.image_size}: lower BATCH_SIZE (--batch-size) or IMAGE_SIZE "
-                 f"(--image-size), or pick a lighter ENCODER")
-    except OSError as exc:
-        sys.exit(f"error: {exc}")
-
-
-def run(args):
-    """The story of a run: settings, data, model, the epochs, a summary."""
-    check_settings(args)
-    setup_processes(args)
-    paths = output_paths(args)
-    check_writable(paths["best"].parent)
-    if args.encoder_weights == "imagenet" and not args.resume:
-        model_lib.check_hub(args.encoder)  # offline: one line now, not after the data scan
-    found, splits, split_file = load_splits(args, paths["data_report"])
-    if args.lr_drop_epoch >= args.epochs:
-        print(f"note: LR_DROP_EPOCH={args.lr_drop_epoch} is not before the last epoch "
-              f"({args.epochs}): the learning rate stays {args.lr:g}")
-    device, mixed, channels_last = setup_device(args)
-    model, optimizer, scaler, progress = start_training(args, paths, device, mixed)
-    earlier = [p.name for key, p in paths.items() if key != "data_report" and p.exists()]
-    if earlier and progress["start"] == 1 and main_process():
-        print(f"note: this new run replaces the earlier one in {paths['best'].parent} "
-              f"({', '.join(earlier)})" + ("" if args.resume else
-                                            "; --resume would continue it instead"))
-    if progress["start"] > args.epochs:
-        print(f"nothing to do: the run already finished its {args.epochs} epochs "
-              f"(best model: {paths['best']})")
-        return 0
-    if main_process():
-        warn_if_disk_low(paths["best"].parent, model)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if world_size() > 1:
-        if SYNC_BATCHNORM:  # the same Parameter objects: the optimiser still holds them
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    settings = {"encoder": args.encoder, "encoder_depth": args.encoder_depth,
-                "image_size": args.image_size, "interpolation": preprocess.INTERPOLATION,
-                "mean": args.mean, "std": args.std, "threshold": args.threshold,
-                "demo": args.demo, "data": args.data, "split_file": split_file,
-                "fold": args.fold, "folds": args.folds, "seed": args.seed,
-                "recipe": recipe(args)}
-    loaders = make_loaders(splits, args, device)
-    run_epochs(model, optimizer, scaler, loaders, progress, settings, paths, args, device,
-               (mixed, channels_last))
-    print(f"best valid IoU {progress['best_iou']:.4f} (per image, at original size); model: "
-          f"{paths['best']}; log: {paths['log']}; curves: {paths['curves']}")
-    if found.corrected or found.skipped or progress.get("unread"):
-        print(f"data: {len(found.skipped)} file(s) skipped and {len(found.corrected)} corrected "
-              f"at the scan (listed in {paths['data_report']})"
-              + (f"; {progress['unread']} image read(s) failed during training (see the "
-                 f"warnings)" if progress.get("unread") else ""))
-    return 0
-
-
-def run_epochs(model, optimizer, scaler, loaders, progress, settings, paths, args, device, amp):
-    """Train, validate, record and save, epoch after epoch; Ctrl-C says what is saved."""
-    train_loader, valid_loader = loaders
-    loss_fn = model_lib.make_loss(args.loss)
-    title = f"FPN {args.encoder}" + (" (DEMO data)" if args.demo else "") + f", {args.data}"
-    print(f"{'epoch':>5} {'lr':>8} {'train_loss':>10} {'valid_loss':>10} {'valid_iou':>9} "
-          f"{'valid_dice':>10} {'valid_tj':>8} {'seconds':>7}")  # tj: thresholded Jaccard
-    epoch, saved_epoch = progress["start"], progress["start"] - 1
-    try:
-        for epoch in range(progress["start"], args.epochs + 1):
-            t0 = time.time()
-            lr = lr_for_epoch(epoch, args.lr, args.lr_drop_epoch, args.lr_after_drop)
-            set_lr(optimizer, lr)
-            # dropout: each epoch's (and process's) draws depend on these alone
-            torch.manual_seed(args.seed + epoch + 1_000_003 * rank())
-            for loader in (train_loader, valid_loader):
-                loader.sampler.set_epoch(epoch)
-            seen = {}
-            train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, device, epoch,
-                                         progress["iter_log"], scaler, *amp, args.threshold,
-                                         progress=not args.quiet, stats=seen)
-            valid = validate(model, valid_loader, loss_fn, device, args.threshold, *amp,
-                             threads=max(1, args.workers))
-            check_epoch_finite(valid, model, epoch)
-            record_epoch(epoch, lr, train_loss, valid, time.time() - t0, model, optimizer, scaler,
-                         progress, settings, paths, args, title)
-            saved_epoch = epoch
-            expected = world_size() * (len(train_loader) * args.batch_size
-                                       if train_loader.drop_last else len(train_loader.sampler))
-            missing = (expected - seen["images"] - seen["skipped"],
-                       len(valid_loader.dataset) - valid["images"])
-            if seen["skipped"]:
-                print(f"warning: epoch {epoch}: {seen['skipped']} training image(s) were read "
-                      f"but skipped, with a batch that came back empty in another process",
-                      flush=True)
-            if any(missing):
-                progress["unread"] = progress.get("unread", 0) + sum(missing)
-                print(f"warning: epoch {epoch}: {missing[0]} training and {missing[1]} "
-                      f"validation image(s) could not be read and were left out (the warnings "
-                      f"name the files)", flush=True)
-    except KeyboardInterrupt:
-        raise Interrupted(
-            f"in epoch {epoch}; the resume state {paths['last']} holds epoch {saved_epoch}: "
-            f"continue with --resume" if saved_epoch else
-            f"in epoch {epoch}, before any epoch finished: nothing was saved") from None
-
-
-def record_epoch(epoch, lr, train_loss, valid, seconds, model, optimizer, scaler, progress,
-                 settings, paths, args, title):
-    """The CSV row, the best checkpoint (when improved), the resume state, the curves."""
-    row = {"epoch": epoch, "lr": lr, "train_loss": round(train_loss, 6),
-           "valid_loss": round(valid["loss"], 6), "valid_iou": round(valid["iou"], 6),
-           "valid_dice": round(valid["dice"], 6),
-           "valid_threshold_jaccard": round(valid["threshold_jaccard"], 6),
-           "seconds": round(seconds, 1)}
-    progress["rows"].append(row)
-    # a NaN IoU (no validation image readable) compares False: never the best
-    improved = math.isfinite(valid["iou"]) and valid["iou"] > progress["best_iou"]
-    if improved:
-        progress["best_iou"] = valid["iou"]
-    if not main_process():  # the same numbers everywhere; one process writes them
-        return
-    if improved:
-        model_lib.save_checkpoint(model_lib.checkpoint_record(model, settings, epoch,
-                                                              valid["iou"]), paths["best"])
-    model_lib.save_checkpoint(resume_state(model, settings, epoch, valid["iou"], optimizer,
-                                           scaler, progress, args), paths["last"])
-    write_log(progress["rows"], paths["log"])
-    plot_curves(progress["rows"], progress["iter_log"], paths["curves"], title)
-    print(f"{epoch:>5} {lr:>8.0e} {train_loss:>10.4f} {valid['loss']:>10.4f} "
-          f"{valid['iou']:>9.4f} {valid['dice']:>10.4f} {valid['threshold_jaccard']:>8.4f} "
-          f"{row['seconds']:>7.1f}"
-          + ("  *best" if improved else ""), flush=True)
 
 
 if __name__ == "__main__":

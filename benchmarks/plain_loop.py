@@ -17,7 +17,6 @@ Scores are per image at the mask's own size with metrics.py (mean IoU, Dice, thr
 The last line printed is one JSON object with the figures, so runs can be tracked.
 """
 import argparse
-import csv
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info  # noqa: E402
 
 import load_dataset  # noqa: E402
 import metrics  # noqa: E402
+import preprocess  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "isic2018_task1_sample"
 
@@ -176,12 +176,12 @@ def main(argv=None):
           f"{means['threshold_jaccard']:.4f} over {means['images']} images")
     if args.per_image:
         args.per_image.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.per_image, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id", "iou", "threshold_jaccard"])
-            for pair_id, counts in rows:
-                s = metrics.scores(*counts)
-                writer.writerow([pair_id, f"{s['iou']:.6f}", f"{s['threshold_jaccard']:.6f}"])
+        table = []
+        for pair_id, counts in rows:
+            s = metrics.scores(*counts)
+            table.append({"id": pair_id, "iou": f"{s['iou']:.6f}",
+                          "threshold_jaccard": f"{s['threshold_jaccard']:.6f}"})
+        preprocess.write_csv(args.per_image, table, ["id", "iou", "threshold_jaccard"])
         print(f"per-image scores: {args.per_image}")
     result = json.dumps({
         "fold": "test" if args.test else args.fold, "folds": args.folds,
@@ -190,7 +190,7 @@ def main(argv=None):
         "dice": round(means["dice"], 4), "threshold_jaccard": round(means["threshold_jaccard"], 4),
         "images": means["images"]})
     if args.per_image:  # beside the per-image scores, for benchmarks/compare_recipes.py
-        args.per_image.with_suffix(".json").write_text(result + "\n")
+        preprocess.write_text(args.per_image.with_suffix(".json"), result + "\n")
     print(result)
 
 

@@ -59,7 +59,7 @@ def test_two_processes_write_one_log_and_validate_every_image_once(data, tmp_pat
     # the saved model, in one process, scores the 3 validation images as the two did together
     assert test_model.main(["--checkpoint", str(out / "resnet18.pth"), "--evaluate",
                             "--split", "valid", "--device", "cpu"]) == 0
-    summary = json.loads((out / "evaluation" / "valid" / "summary.json").read_text())
+    summary = json.loads((out / "evaluation" / "resnet18" / "valid" / "summary.json").read_text())
     assert summary["images"] == 3
     for key in ("iou", "dice", "threshold_jaccard"):
         assert summary[key] == pytest.approx(float(row[f"valid_{key}"]), abs=1e-4), key

@@ -16,6 +16,7 @@ from PIL import Image
 
 import demo_data
 import load_dataset
+import preprocess
 from load_dataset import Pair, SegmentationDataset, SplitMismatch, scan, split_pairs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -409,7 +410,7 @@ def test_split_is_saved_beside_the_data_and_reused(tmp_path):
 def test_removed_or_added_pairs_raise_split_mismatch(tmp_path):
     root = tmp_path / "data"
     found = drawn_tree(root)
-    split_pairs(found)
+    split_pairs(found, seed=42)
     (root / IN18.format("Training") / "ISIC_0000003.jpg").unlink()
     with pytest.raises(SplitMismatch) as err:
         split_pairs(scan(root))
@@ -425,7 +426,7 @@ def test_official_validation_is_used_and_only_test_is_drawn(tmp_path):
     root = tmp_path / "data"
     write_isic(root, IN18.format("Training"), GT18.format("Training"), isic_ids(*range(10)))
     write_isic(root, IN18.format("Validation"), GT18.format("Validation"), isic_ids(20, 21))
-    splits = ids_of(split_pairs(scan(root)))
+    splits = ids_of(split_pairs(scan(root), seed=42))
     assert splits["valid"] == isic_ids(20, 21)
     assert len(splits["test"]) == 1 and len(splits["train"]) == 9
     assert not set(splits["test"]) & set(splits["train"])
@@ -441,7 +442,10 @@ def test_the_command_line_says_whether_it_wrote_a_split_file(tmp_path, capsys):
     assert written.startswith("split file: none (nothing to draw); memo of file checks: ")
     assert not (root / "split.json").exists()
     (root / "ISIC2018_Task1-2_Test_Input").rename(tmp_path / "elsewhere")  # test drawn now
-    assert load_dataset.main(["--data", str(root)]) == 0
+    assert load_dataset.main(["--data", str(root)]) == 0  # no seed, no saved split: no draw
+    assert capsys.readouterr().out.splitlines()[-1].startswith("split: none drawn yet")
+    assert not (root / "split.json").exists()
+    assert load_dataset.main(["--data", str(root), "--seed", "42"]) == 0
     written = capsys.readouterr().out.splitlines()[-1]
     assert written.startswith(f"split file: {root / 'split.json'}; memo of file checks: ")
     assert (root / "split.json").is_file()
@@ -459,7 +463,7 @@ def test_the_file_checks_show_a_bar_unless_told_not_to(tmp_path, monkeypatch, ca
 
 def test_three_pairs_give_one_each(tmp_path):
     found = drawn_tree(tmp_path / "data", count=3)
-    assert {s: len(v) for s, v in split_pairs(found).items()} == {"train": 1, "valid": 1, "test": 1}
+    assert {s: len(v) for s, v in split_pairs(found, seed=42).items()} == {"train": 1, "valid": 1, "test": 1}
 
 
 def test_work_dir_falls_back_to_home_cache_for_read_only_data(tmp_path, monkeypatch):
@@ -543,8 +547,8 @@ def test_persistent_workers_give_each_epoch_what_a_fresh_loader_gives(square_pai
     pairs = [square_pair] * 6
 
     def loader():
-        return load_dataset.make_loader(pairs, (64, 64), batch_size=3, workers=2, train=True,
-                                        seed=7)
+        return load_dataset.make_loader(pairs, (64, 64), batch_size=3, train=True,
+                                        options=load_dataset.LoaderOptions(workers=2, seed=7))
     straight = loader()
     epochs = []
     for epoch in (1, 2, 3):
@@ -661,18 +665,18 @@ def test_cli_on_an_empty_folder_exits_2_with_where_to_put_the_files(tmp_path):
     assert run.returncode == 2
     assert "ISIC2018_Task1-2_Training_Input/ISIC_0000000.jpg" in run.stderr
     assert "ISIC2018_Task1_Training_GroundTruth/ISIC_0000000_segmentation.png" in run.stderr
-    assert "python load_dataset.py --make-demo" in run.stderr
+    assert "python demo_data.py" in run.stderr
     assert "Traceback" not in run.stderr + run.stdout
 
 
 def test_cli_names_each_bad_file_and_counts_pairs_per_split(bad_tree, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(bad_tree[0], root)
-    run = run_cli("--data", root)
+    run = run_cli("--data", root, "--seed", 42)
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert "Layout: ISIC 2018 Task 1" in out
-    assert "train: 12 pairs" in out and "valid: 1 pairs" in out and "test: 1 pairs" in out
+    assert "train: 12 pairs" in out and "valid: 1 pair " in out and "test: 1 pair " in out
     assert "drawn from training" in out
     for path, why in {**bad_tree[2], **bad_tree[3]}.items():
         line = f"{path.relative_to(bad_tree[0])}: "
@@ -682,7 +686,9 @@ def test_cli_names_each_bad_file_and_counts_pairs_per_split(bad_tree, tmp_path):
 
 
 def test_cli_makes_demo_where_asked(tmp_path):
-    run = run_cli("--make-demo", "--data", tmp_path / "demo", "--count", 3, "--seed", 4)
+    run = subprocess.run([sys.executable, str(REPO / "demo_data.py"), "--out", tmp_path / "demo",
+                          "--count", "3", "--seed", "4"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert str(tmp_path / "demo") in run.stdout
     assert len(read_demo(tmp_path / "demo")) == 3
@@ -694,9 +700,9 @@ def test_folds_validate_each_training_pair_once_never_a_test_pair_and_stay_put(t
     root = tmp_path / "data"
     demo_data.make_demo(root, 23, 1)
     found = scan(root)
-    splits = split_pairs(found)
+    splits = split_pairs(found, seed=42)
     pool = {p.id for p in splits["train"] + splits["valid"]}  # valid was drawn from training
-    folds = [load_dataset.fold_splits(found, splits, 5, i) for i in range(5)]
+    folds = [load_dataset.fold_splits(found, splits, 5, i, 42) for i in range(5)]
     validated = [p.id for f in folds for p in f["valid"]]
     assert sorted(validated) == sorted(pool)  # each exactly once
     for f in folds:
@@ -706,7 +712,125 @@ def test_folds_validate_each_training_pair_once_never_a_test_pair_and_stay_put(t
     saved = json.loads(load_dataset.split_file_for(root).read_text())["folds"]
     assert saved["ids"] == [[p.id for p in f["valid"]] for f in folds]
     # a later run (a resume, test_model.py) reads the same folds from a fresh scan
-    again = load_dataset.fold_splits(scan(root), split_pairs(scan(root)), 5, 3)
+    again = load_dataset.fold_splits(scan(root), split_pairs(scan(root)), 5, 3, 42)
     assert [p.id for p in again["valid"]] == [p.id for p in folds[3]["valid"]]
     with pytest.raises(SplitMismatch):
-        load_dataset.fold_splits(found, splits, 5, 5)
+        load_dataset.fold_splits(found, splits, 5, 5, 42)
+
+
+# ---------------------------------------------------------------------------- faults found in review
+
+def upright_lesion(side=96, centre=(28, 28), radius=14):
+    """A square skin image with one dark round lesion, and its mask, as a viewer shows them."""
+    image = np.full((side, side, 3), (214, 168, 140), np.uint8)
+    mask = cv2.circle(np.zeros((side, side), np.uint8), centre, radius, 255, -1)
+    image[mask > 0] = (70, 45, 35)
+    return image, mask
+
+
+def save_turned(path, upright):
+    """The upright picture stored turned a quarter, with EXIF orientation 6 to turn it back."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(upright, 1).copy()).save(path, quality=95, exif=exif.tobytes())
+
+
+def test_a_square_exif_turned_image_is_decided_by_its_content(tmp_path):
+    """A square image stored turned, with its mask drawn on the upright view: its shape cannot
+    tell the turn, so the pair goes the way that puts the mask on the dark lesion; a lesion that
+    looks the same both ways is skipped and said so, never trained on misaligned."""
+    root = tmp_path / "data"
+    images, masks = root / IN18.format("Training"), root / GT18.format("Training")
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    image, mask = upright_lesion()  # off centre: a quarter turn moves it
+    save_turned(images / "ISIC_0000001.jpg", image)
+    save_gray(masks / "ISIC_0000001_segmentation.png", mask)
+    image, mask = upright_lesion(centre=(48, 48), radius=20)  # round and centred: no telling
+    save_turned(images / "ISIC_0000002.jpg", image)
+    save_gray(masks / "ISIC_0000002_segmentation.png", mask)
+    found = scan(root)
+    assert [(p.id, p.exif) for p in found.splits["train"]] == [("ISIC_0000001", True)]
+    assert "applied, decided by content" in reasons(found.corrected)[images / "ISIC_0000001.jpg"]
+    assert "its content cannot tell which" in reasons(found.skipped)[
+        masks / "ISIC_0000002_segmentation.png"]
+    loaded = preprocess.read_image(found.splits["train"][0].image, exif=True)
+    dark = cv2.cvtColor(loaded, cv2.COLOR_RGB2GRAY) < 120
+    assert (dark == (mask_of_first(root) > 0)).mean() > 0.98  # image and mask line up
+
+
+def mask_of_first(root):
+    return cv2.imread(str(root / GT18.format("Training") / "ISIC_0000001_segmentation.png"),
+                      cv2.IMREAD_GRAYSCALE)
+
+
+def test_an_interrupted_demo_generation_never_joins_a_scan_of_real_data(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    write_isic(root, IN18.format("Training"), GT18.format("Training"), isic_ids(1, 2, 3))
+    real_encode, calls = cv2.imencode, []
+
+    def encode_then_fail(*args):
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the generation
+        return real_encode(*args)
+    monkeypatch.setattr(demo_data.cv2, "imencode", encode_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        demo_data.make_demo(root / "demo", count=10)
+    assert not demo_data.is_complete(root / "demo")
+    found = scan(root)
+    assert sorted(p.id for p in found.splits["train"]) == isic_ids(1, 2, 3)
+    assert reasons(found.skipped)[root / "demo"].startswith("generated demo data, left out")
+
+
+def test_a_bug_in_the_checks_surfaces_instead_of_calling_the_file_unreadable(tmp_path,
+                                                                              monkeypatch):
+    root = tmp_path / "data"
+    write_isic(root, IN18.format("Training"), GT18.format("Training"), isic_ids(1, 2))
+
+    def buggy(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+    monkeypatch.setattr(load_dataset, "read_mask", buggy)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        scan(root)
+    monkeypatch.setattr(load_dataset, "read_mask", lambda *a, **k: (_ for _ in ()).throw(
+        cv2.error("decoder gave up")))
+    found = scan(root)  # what a decoder raises still makes the file unreadable, named
+    assert all(why.startswith("unreadable mask: error") for path, why in found.skipped
+               if path.suffix == ".png")
+
+
+def test_importing_the_project_leaves_pillow_and_opencv_settings_alone():
+    code = ("import cv2, PIL.Image as I; limit, threads = I.MAX_IMAGE_PIXELS, cv2.getNumThreads();"
+            "import preprocess, load_dataset, test_model;"
+            "print(I.MAX_IMAGE_PIXELS == limit, cv2.getNumThreads() == threads, threads > 1)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[:2] == ["True", "True"]
+
+
+def test_a_process_that_starts_loader_workers_runs_opencv_on_one_thread(square_pair):
+    """OpenCV's thread pool does not survive a fork: the parent goes to one thread first."""
+    code = ("import cv2, numpy, load_dataset; from load_dataset import Pair, LoaderOptions;"
+            "before = cv2.getNumThreads();"
+            "cv2.GaussianBlur(numpy.zeros((3000, 3000), numpy.float32), (31, 31), 5);"  # pool up
+            f"pair = Pair('x', {str(square_pair.image)!r}, {str(square_pair.mask)!r});"
+            "load_dataset.make_loader([pair], (64, 64), 1);"
+            "after_none = cv2.getNumThreads();"
+            "batch = next(iter(load_dataset.make_loader([pair] * 2, (64, 64), 1, "
+            "LoaderOptions(workers=1))));"
+            "print(before > 1, after_none == before, cv2.getNumThreads(), len(batch[2]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    assert out == ["True", "True", "1", "1"]
+
+
+def test_a_data_folder_pointed_at_its_images_folder_says_to_point_at_the_parent(tmp_path):
+    root = tmp_path / "ph2"
+    for i in (1, 2):
+        write_pair(root / "images" / f"IMD00{i}.png", root / "masks" / f"IMD00{i}_segmentation.png")
+    assert scan(root / "images").pair_count() == 0
+    message = load_dataset.no_data_message(root / "images")
+    assert message.endswith(f"Point --data at its parent, {root}, which holds both.")
+    found = scan(root)
+    assert found.pair_count() == 2 and found.sources == ["images"]

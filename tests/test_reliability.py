@@ -455,7 +455,7 @@ def test_ctrl_c_during_a_checkpoint_write_leaves_no_half_file(good_checkpoint, t
     (["--augment", "flips"], {}, "AUGMENT='full', not 'flips'"),
     (["--seed", "7"], {}, "SEED=42, not 7"),
     (["--mean", "0.5", "0.5", "0.5"], {}, "MEAN=(0.485, 0.456, 0.406), not (0.5, 0.5, 0.5)"),
-    ([], {"recipe": {"folds": 2}}, "FOLDS=2, not 1"),  # fold 0 of 2 in the place of this run
+    (["--folds", "1"], {"folds": 2}, "FOLDS=2, not 1"),  # fold 0 of 2 in the place of this run
     (["--threshold", "0.3"], {}, "THRESHOLD=0.5, not 0.3"),  # the best epoch's measure
 ])
 def test_resume_refuses_a_state_made_with_other_settings(trained, tmp_path, flags, changes,
@@ -467,11 +467,7 @@ def test_resume_refuses_a_state_made_with_other_settings(trained, tmp_path, flag
         state.update(changes)
         torch.save(state, last)
     before = fingerprint(last)
-    if "--seed" in flags:  # the data scan comes first and keeps the saved split, saying so
-        with pytest.warns(UserWarning, match=r"using the split saved in .* \(seed 42\)"):
-            message = stopped(data, out, "--epochs", "2", "--resume", *flags)
-    else:
-        message = stopped(data, out, "--epochs", "2", "--resume", *flags)
+    message = stopped(data, out, "--epochs", "2", "--resume", *flags)  # before the data scan
     assert message.startswith(f"error: --resume: {last} was made with {constant}")
     assert fingerprint(last) == before and len(read_log(out)) == 1
 
@@ -483,14 +479,13 @@ def test_both_checkpoints_record_the_recipe_and_an_older_state_resumes_on_seed_a
     best, last = out / "resnet18.pth", out / "resnet18_last.pth"
     expected = {"seed": 42, "folds": 1, "batch_size": 4, "lr": 1e-4, "lr_drop_epoch": 25,
                 "lr_after_drop": 1e-5, "loss": "dice", "augment": "full"}
-    assert model_lib.load_checkpoint(best)["recipe"] == expected
+    assert expected.items() <= model_lib.load_checkpoint(best)["recipe"].items()
     state = torch.load(last, weights_only=True)
-    assert state["recipe"] == expected and state["processes"] == 1
+    assert expected.items() <= state["recipe"].items() and state["processes"] == 1
     del state["recipe"]  # as a state saved before the recipe was recorded
     state["processes"] = 2  # and by a run under torchrun with 2 processes
     torch.save(state, last)
-    with pytest.warns(UserWarning, match="using the split saved in"):
-        message = stopped(data, out, "--epochs", "2", "--resume", "--seed", "7")
+    message = stopped(data, out, "--epochs", "2", "--resume", "--seed", "7")
     assert message.startswith(f"error: --resume: {last} was made with SEED=42, not 7")
     assert train(data, out, "--epochs", "2", "--resume", "--lr", "3e-4") == 0
     assert ("note: the state was saved by a run of 2 process(es), this one has 1: each "

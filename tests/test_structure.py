@@ -44,3 +44,36 @@ def test_no_import_cycle_among_the_projects_modules():
 def test_benchmarks_do_not_import_the_training_script():
     for path in (REPO / "benchmarks").glob("*.py"):
         assert "train_model" not in project_imports(path), path.name
+
+
+def test_no_product_function_takes_more_than_seven_parameters():
+    too_many = []
+    for path in sorted(REPO.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs
+                         if x.arg not in ("self", "cls")]
+                if len(names) > 7:
+                    too_many.append(f"{path.name}:{node.name} ({len(names)})")
+    assert too_many == []
+
+
+def test_the_names_of_a_runs_files_are_built_and_read_in_one_place():
+    import model as model_lib
+
+    files = model_lib.run_files("M", model_lib.run_stem("resnet18", fold=3))
+    assert {k: p.name for k, p in files.items()} == {
+        "best": "resnet18_fold3.pth", "last": "resnet18_fold3_last.pth",
+        "log": "resnet18_fold3_log.csv", "curves": "resnet18_fold3_curves.png",
+        "data_report": "resnet18_fold3_data.txt"}
+    assert [model_lib.fold_of(p) for p in files.values()] == [3] * 5
+    assert model_lib.stem_of(files["last"]) == "resnet18_fold3"
+    assert model_lib.is_resume_state(files["last"]) and not model_lib.is_resume_state(files["best"])
+    demo = model_lib.run_stem("resnet18", demo=True)
+    assert demo == "demo_resnet18" and model_lib.fold_of(f"{demo}.pth") is None
+    # the other files name no suffix of their own
+    for path in list(REPO.glob("*.py")) + list(REPO.glob("benchmarks/*.py")):
+        if path.name != "model.py":
+            text = path.read_text()
+            assert '"_last.pth"' not in text and "_fold{" not in text, path.name

@@ -431,7 +431,7 @@ def test_outputs_go_beside_the_checkpoint_and_same_stems_never_collide(tmp_path,
     os.chdir(tmp_path)  # a ./Model here must stay untouched
     try:
         assert test_model.main(["--checkpoint", str(path), "--evaluate"]) == 0
-        summary = json.loads((run_dir / "evaluation" / "test" / "summary.json").read_text())
+        summary = json.loads((run_dir / "evaluation" / "resnet18" / "test" / "summary.json").read_text())
         assert summary["checkpoint"] == str(path) and summary["epoch"] == 1
         assert summary["threshold"] == 0.5 and summary["images"] == len(splits["test"])
         assert not (tmp_path / "Model").exists()
@@ -443,7 +443,7 @@ def test_outputs_go_beside_the_checkpoint_and_same_stems_never_collide(tmp_path,
         args = ["--checkpoint", str(path), "--image", str(a / "IMD002.jpg"),
                 str(b / "IMD002.jpg"), "--device", "cpu"]
         assert test_model.main(args) == 0
-        masks = sorted(p.name for p in (run_dir / "predictions").glob("*_segmentation.png"))
+        masks = sorted(p.name for p in (run_dir / "predictions" / "resnet18").glob("*_segmentation.png"))
         assert masks == ["a_IMD002_segmentation.png", "b_IMD002_segmentation.png"]
         capsys.readouterr()
         assert test_model.main(args) == 0

@@ -145,7 +145,7 @@ def test_validation_in_the_csv_is_what_evaluate_reports_with_the_checkpoints_nor
         [float(row[f"valid_{k}"]) for k in ("iou", "dice", "threshold_jaccard")], abs=1e-4)
     assert test_model.main(["--checkpoint", str(out / "resnet18.pth"), "--evaluate",
                             "--split", "valid"]) == 0
-    summary = json.loads((out / "evaluation" / "valid" / "summary.json").read_text())
+    summary = json.loads((out / "evaluation" / "resnet18" / "valid" / "summary.json").read_text())
     assert summary["images"] == 2 and summary["epoch"] == best["epoch"]
     assert summary["recipe"]["lr"] == 3e-3 and summary["recipe"] == best["recipe"]
     for key in ("iou", "dice", "threshold_jaccard"):
@@ -163,19 +163,25 @@ def test_finished_run_resumed_does_nothing(demo_data, tmp_path, capsys):
     assert (out / "resnet18_last.pth").stat().st_mtime_ns == before
 
 
-def test_a_new_run_over_an_earlier_one_says_so_and_a_resume_does_not(demo_data, tmp_path,
-                                                                       capsys):
+def test_a_new_run_over_an_earlier_one_stops_unless_told_and_a_resume_does_not(demo_data,
+                                                                               tmp_path, capsys):
     data, out = fresh_data(demo_data, tmp_path), tmp_path / "Model"
     assert train(data, out, "--epochs", "1") == 0
     assert "replaces" not in capsys.readouterr().out
-    assert train(data, out, "--epochs", "1") == 0
+    with pytest.raises(SystemExit) as stop:  # before training, naming the ways on
+        train(data, out, "--epochs", "1")
+    assert str(stop.value.code) == (
+        f"error: {out} already holds the run resnet18 (epoch 1 of 1, data {data.resolve()}): "
+        f"pass --resume to continue it, --model-dir NEW to keep both, or --replace to start it "
+        f"over")
+    assert train(data, out, "--epochs", "1", "--replace") == 0
     assert [line for line in capsys.readouterr().out.splitlines() if "replaces" in line] == [
         f"note: this new run replaces the earlier one in {out} (resnet18.pth, resnet18_last.pth, "
-        f"resnet18_log.csv, resnet18_curves.png); --resume would continue it instead"]
+        f"resnet18_log.csv, resnet18_curves.png)"]
     assert train(data, out, "--epochs", "2", "--resume") == 0
     assert "replaces" not in capsys.readouterr().out
     (out / "resnet18_last.pth").unlink()  # --resume with no state starts over, over the rest
-    assert train(data, out, "--epochs", "1", "--resume") == 0
+    assert train(data, out, "--epochs", "1", "--resume", "--replace") == 0
     assert [line for line in capsys.readouterr().out.splitlines() if "replaces" in line] == [
         f"note: this new run replaces the earlier one in {out} (resnet18.pth, resnet18_log.csv, "
         f"resnet18_curves.png)"]
@@ -232,12 +238,150 @@ def test_the_model_learns_real_lesions_until_it_fits_them(tmp_path):
     loss_fn = model_lib.make_loss()
     train_loader = load_dataset.make_loader(pairs, (96, 96), batch_size=12)
     score_loader = load_dataset.make_loader(pairs, (96, 96), batch_size=12, truth=True)
-    device = torch.device("cpu")
-    before = train_model.validate(model, score_loader, loss_fn, device, threads=1)["iou"]
+    trainer = model_lib.Trainer(model, loss_fn, torch.device("cpu"), optimizer)
+    before = train_model.validate(trainer, score_loader, threads=1)["iou"]
     for epoch in range(1, 61):
         train_model.set_lr(optimizer, train_model.lr_for_epoch(epoch, 1e-3, 45, 1e-4))
-        train_model.train_one_epoch(model, train_loader, loss_fn, optimizer, device, epoch, [],
-                                    progress=False)
-    fitted = train_model.validate(model, score_loader, loss_fn, device, threads=1)
+        train_model.train_one_epoch(trainer, train_loader, epoch, [], progress=False)
+    fitted = train_model.validate(trainer, score_loader, threads=1)
     assert fitted["images"] == 12
     assert before < 0.5 and fitted["iou"] >= 0.85, (before, fitted["iou"])
+
+
+# ----------------------------------------------------------------------------- one home per setting
+
+def test_a_new_setting_is_one_line_and_gets_its_flag_its_help_its_recipe_and_its_resume_check(
+        tmp_path, monkeypatch):
+    """A constant added to the settings block, and nothing else: the copy of train_model.py
+    gets a flag with the constant's comment as help and its value as default, a place in the
+    recipe every checkpoint records, and a resume check that refuses another value."""
+    import importlib.util
+
+    source = Path(train_model.__file__).read_text()
+    line = "WARMUP_EPOCHS = 0                  # epochs of warm-up before the first LR\n"
+    source = source.replace("SEED = 42 ", line + "SEED = 42 ", 1)
+    path = tmp_path / "train_model_plus.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("train_model_plus", path)
+    plus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plus)
+    assert plus.parse_args([]).warmup_epochs == 0
+    args = plus.parse_args(["--warmup-epochs", "3"])
+    assert args.warmup_epochs == 3 and "warmup_epochs" in args.given
+    help_text = " ".join(plus.build_parser().format_help().split())
+    assert "--warmup-epochs WARMUP_EPOCHS epochs of warm-up before the first LR (default: 0)" \
+        in help_text
+    assert plus.recipe(args)["warmup_epochs"] == 3
+    torch.manual_seed(0)
+    state = model_lib.checkpoint_record(torch.nn.Linear(1, 1), {
+        "encoder": "resnet18", "encoder_depth": 5, "image_size": (64, 64), "threshold": 0.5,
+        "recipe": {"warmup_epochs": 0}}, 1, 0.5)
+    state.update(optimizer_state={}, best_iou=0.5, history=[], iter_log=[])
+    last = tmp_path / "resnet18_last.pth"
+    torch.save(state, last)
+    with pytest.raises(model_lib.SettingError, match=r"WARMUP_EPOCHS=0, not 3"):
+        plus.load_resume_state(last, args)
+
+
+def test_every_setting_flag_shows_its_true_default():
+    parser = train_model.build_parser()
+    formatter = parser._get_formatter()
+    settings = [a for a in parser._actions if a.dest in train_model.CONSTANT_OF]
+    assert len(settings) == len(train_model.SETTINGS) > 20
+    for action in settings:
+        assert "%(default)" in formatter._get_help_string(action), action.dest
+        assert action.default == getattr(train_model, train_model.CONSTANT_OF[action.dest])
+    help_text = " ".join(parser.format_help().split())
+    assert "--cache, --no-cache decode and resize each image once" in help_text
+
+
+# ----------------------------------------------------------------------------- resume and data
+
+def interrupt_in_epoch(monkeypatch, epoch):
+    """Ctrl-C at the start of the given epoch's training."""
+    real = train_model.train_one_epoch
+
+    def train_or_stop(trainer, loader, at, *args, **kwargs):
+        if at == epoch:
+            raise KeyboardInterrupt
+        return real(trainer, loader, at, *args, **kwargs)
+    monkeypatch.setattr(train_model, "train_one_epoch", train_or_stop)
+
+
+def test_resume_alone_restores_the_run_and_ends_as_a_straight_run(demo_data, tmp_path,
+                                                                   monkeypatch, capsys):
+    data, straight, resumed = fresh_data(demo_data, tmp_path), tmp_path / "a", tmp_path / "b"
+    flags = ["--epochs", "3", "--lr", "3e-3", "--seed", "5"]
+    assert train(data, straight, *flags) == 0
+    interrupt_in_epoch(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        train(data, resumed, *flags)
+    monkeypatch.undo()
+    capsys.readouterr()
+    # only the model folder: data, encoder, size, recipe and the machine settings of before
+    assert train_model.main(["--model-dir", str(resumed), "--resume", "--workers", "0",
+                             "--quiet"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (f"resuming after epoch 2 (best valid IoU {read_best(resumed):.4f}) of "
+                     f"{resumed / 'resnet18_last.pth'}: FPN resnet18, data {data.resolve()}, "
+                     f"3 epochs in all")
+    a, b = read_log(straight), read_log(resumed)
+    for row in a + b:
+        del row["seconds"]
+    assert a == b
+    last_a = torch.load(straight / "resnet18_last.pth", weights_only=True)["model_state"]
+    last_b = torch.load(resumed / "resnet18_last.pth", weights_only=True)["model_state"]
+    assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
+
+
+def read_best(model_dir):
+    return max(float(r["valid_iou"]) for r in read_log(model_dir)[:2])
+
+
+def test_resume_refuses_other_data_and_another_encoder_in_one_line(demo_data, tmp_path):
+    data, out = fresh_data(demo_data, tmp_path), tmp_path / "Model"
+    assert train(data, out, "--epochs", "1") == 0
+    other = tmp_path / "other"
+    make_demo(other, count=20, seed=4)  # the same ids, other images
+    for flags, expected in (
+            (["--data", str(other)], "trained on other images than"),
+            (["--encoder", "resnet34"], "was made with ENCODER='resnet18', not 'resnet34'")):
+        with pytest.raises(SystemExit) as stop:
+            train_model.main(["--model-dir", str(out), "--resume", "--epochs", "2", "--quiet",
+                              "--workers", "0", *flags])
+        message = str(stop.value.code)
+        assert expected in message and "\n" not in message and "--model-dir" in message
+    assert len(read_log(out)) == 1
+
+
+def test_a_run_on_other_data_into_the_same_model_folder_stops_before_training(demo_data,
+                                                                              tmp_path, capsys):
+    data, out = fresh_data(demo_data, tmp_path), tmp_path / "Model"
+    assert train(data, out, "--epochs", "1") == 0
+    other = tmp_path / "other"
+    make_demo(other, count=20, seed=4)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train(other, out, "--epochs", "1", "--folds", "2", "--fold", "0")
+    assert str(stop.value.code) == (
+        f"error: {out} holds resnet18_last.pth, trained on other data ({data.resolve()}): pass "
+        f"--model-dir NEW to keep the runs apart (one model folder per dataset), or --replace "
+        f"to train here anyway")
+    assert "train_loss" not in capsys.readouterr().out  # no epoch began
+    assert not (out / "resnet18_fold0_last.pth").exists()
+
+
+def test_under_torchrun_the_silenced_console_is_closed_and_given_back(demo_data, tmp_path,
+                                                                     monkeypatch):
+    import os
+    import sys
+    opened = []
+
+    def silence(args):  # what setup_processes does in a process other than the first
+        opened.append(open(os.devnull, "w"))
+        sys.stdout = opened[0]
+    monkeypatch.setattr(train_model, "setup_processes", silence)
+    console = sys.stdout
+    with pytest.raises(SystemExit):
+        train(tmp_path / "no_data", tmp_path / "Model", "--epochs", "1")
+    assert sys.stdout is console and opened[0].closed
