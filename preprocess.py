@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import sys
-import warnings
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections import deque
 from contextlib import contextmanager
@@ -146,22 +146,26 @@ def permitted_size(size, depth=5):
 
 # ---------------------------------------------------------------------------- reading
 
+_PILLOW_LIMIT = threading.Lock()  # Pillow's bomb limit is lifted only while we read a header
+
+
 def _open(path):
-    """Open an image lazily and check what can be checked from its header."""
+    """Open an image lazily and check what can be checked from its header (Pillow's own
+    decompression-bomb limit stays as it is for every other use of Pillow)."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file (0 bytes)")
-        with warnings.catch_warnings():  # Pillow's own bomb check warns below MAX_PIXELS
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+        with _PILLOW_LIMIT:  # our own check below names the declared size
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = Image.open(path)  # the header only
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
     except ImageError:
         raise
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
-    except Image.DecompressionBombError:  # declared far beyond Pillow's limit (and ours)
-        raise ImageError(f"{path}: declared size exceeds {MAX_PIXELS:,} pixels (possible "
-                         f"decompression bomb); refused") from None
     except Exception as exc:  # PIL raises several types for non-images
         raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
     if img.width * img.height > MAX_PIXELS:

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -187,22 +188,25 @@ def image_files(paths):
     return [(p, true_mask_of(p), name) for p, name in zip(found, unique_names(found))]
 
 
+IMAGE_FOLDER = re.compile(r"image|input|img", re.I)  # the images half of an images/masks pair
+OLD_CHECKPOINT_SEED = 42  # the SEED of runs saved before checkpoints recorded theirs
+
+
 def true_mask_of(image):
-    """The true mask of an image, where one lies beside it (<stem>_segmentation.png) or in a
-    masks folder beside its images folder, as the data scan pairs them; else None."""
+    """The true mask of an image: <stem>_segmentation.png (or _mask.png) beside it, or, for an
+    image in an images folder, in a masks folder beside that one (images/ + masks/, an ISIC
+    _Input folder + its _GroundTruth), as the data scan pairs them; else None."""
     image = Path(image)
-    names = (f"{image.stem}_segmentation.png", f"{image.stem}_mask.png", f"{image.stem}.png")
-    try:
-        siblings = sorted(d for d in image.parent.absolute().parent.iterdir() if d.is_dir())
-    except OSError:
-        siblings = []
-    folders = [image.parent] + [d for d in siblings if d != image.parent.absolute()
-                                and load_dataset.MASK_FOLDER.search(d.name)]
-    for folder in folders:
-        for name in names[:2] if folder == image.parent else names:
-            if (folder / name).is_file():
-                return folder / name
-    return None
+    names = (f"{image.stem}_segmentation.png", f"{image.stem}_mask.png")
+    folders = [image.parent]
+    if IMAGE_FOLDER.search(image.parent.absolute().name):
+        try:
+            folders += sorted(d for d in image.parent.absolute().parent.iterdir()
+                              if d.is_dir() and load_dataset.MASK_FOLDER.search(d.name))
+        except OSError:
+            pass
+    return next((folder / name for folder in folders for name in names
+                 if (folder / name).is_file()), None)
 
 
 def unique_names(paths):
@@ -249,7 +253,7 @@ def load_split(ckpt, data, split):
         where = "given by --data" if data else "recorded in the checkpoint"
         raise UsageError(f"no image/mask pairs under {data_dir} (the data folder {where}); "
                          f"pass --data DIR")
-    seed = ckpt.get("seed")  # None (older checkpoints): the split as saved
+    seed = OLD_CHECKPOINT_SEED if ckpt.get("seed") is None else ckpt["seed"]
     splits = load_dataset.split_pairs(found, seed=seed, split_file=split_file)
     if ckpt.get("fold") is not None:
         splits = load_dataset.fold_splits(found, splits, ckpt["folds"], ckpt["fold"], seed,
@@ -319,8 +323,11 @@ def predict_files(predictor, items, out, threshold, postprocess=False):
             if mask_path is not None:
                 truth = read_truth_beside(mask_path)
             if truth is not None:
-                exif, _ = preprocess.pair_orientation(preprocess.image_info(image_path),
-                                                      truth.shape)
+                exif, note = preprocess.pair_orientation(preprocess.image_info(image_path),
+                                                         truth.shape, image_path, mask_path)
+                if exif is None:  # the content cannot tell: the pixels as stored, said so
+                    print(f"note: {image_path.name}: {note}; the stored pixels are used")
+                    exif = False
             prob = predictor.image(image_path, exif, truth.shape if truth is not None else None)
         except (preprocess.ImageError, OSError) as exc:
             print(f"skipped {load_dataset.describe_error(exc, image_path)}", file=sys.stderr)

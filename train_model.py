@@ -742,7 +742,7 @@ def report_data(found, splits, args, report_path):
     The console names the first LISTED_FILES of each kind; the report file beside the model
     lists them all, so a long run's log never hides which files were left out."""
     print(f"data: {found.layout} in {args.data}: " + ", ".join(
-        f"{load_dataset.pairs_word(len(v))} {k}" for k, v in splits.items()) +
+        f"{len(v)} {k}" for k, v in splits.items()) +
         f"; {len(found.corrected)} corrected, {len(found.skipped)} skipped"
         + (f" (all listed in {report_path})" if found.corrected or found.skipped else ""))
     if len(found.sources) > 1:

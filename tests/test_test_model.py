@@ -311,13 +311,36 @@ def test_no_checkpoint_in_model_dir_says_how_to_train(tmp_path):
     assert "python train_model.py" in str(exc.value.code) and "--demo" in str(exc.value.code)
 
 
-def test_default_checkpoint_is_the_newest_best_model(tmp_path):
+def test_default_checkpoint_is_the_newest_best_model_on_real_data_before_a_demo_model(tmp_path):
     (tmp_path / "demo").mkdir()
-    for age, name in ((300, "resnet18.pth"), (100, "demo/demo_resnet18.pth"),
-                      (0, "demo/x_last.pth")):
-        (tmp_path / name).write_bytes(b"")
+    for age, name, demo_flag in ((300, "resnet18.pth", False), (200, "resnet34.pth", False),
+                                 (100, "demo/demo_resnet18.pth", True),
+                                 (0, "demo/x_last.pth", True)):
+        torch.save({"demo": demo_flag}, tmp_path / name)
         os.utime(tmp_path / name, (1e9 - age, 1e9 - age))
-    assert test_model.find_checkpoint(tmp_path) == tmp_path / "demo" / "demo_resnet18.pth"
+    path, why = test_model.find_checkpoint(tmp_path)
+    assert path == tmp_path / "resnet34.pth"
+    assert why == (f"the newest of 3 best model(s) under {tmp_path}/, demo models left aside; "
+                   f"--checkpoint picks another")
+    (tmp_path / "resnet18.pth").unlink()
+    (tmp_path / "resnet34.pth").unlink()
+    assert test_model.find_checkpoint(tmp_path) == (
+        tmp_path / "demo" / "demo_resnet18.pth",
+        f"the newest of 1 best model(s) under {tmp_path}/; --checkpoint picks another")
+
+
+def test_an_image_in_an_images_folder_finds_its_truth_in_the_masks_folder(tmp_path):
+    for folder in ("images", "masks"):
+        (tmp_path / "ph2" / folder).mkdir(parents=True)
+    image = tmp_path / "ph2" / "images" / "IMD003.png"
+    image.write_bytes(b"x")
+    mask = tmp_path / "ph2" / "masks" / "IMD003_segmentation.png"
+    mask.write_bytes(b"x")
+    assert test_model.image_files([image]) == [(image, mask, "IMD003")]
+    alone = tmp_path / "elsewhere" / "IMD003.png"
+    alone.parent.mkdir()
+    alone.write_bytes(b"x")
+    assert test_model.image_files([alone]) == [(alone, None, "IMD003")]
 
 
 def _not_ours(path):
