@@ -412,12 +412,14 @@ def evaluate_split(predictor, pairs, out, threshold, batch_size=BATCH_SIZE, work
         return pair.id, metrics.confusion(pred, truth), \
             metrics.confidence_candidates(maps, threshold)
 
-    rows, counts = [], []
+    rows, counts, exact = [], [], []
     probs = split_probabilities(predictor, pairs, batch_size, workers, f"evaluate {split}",
                                 confidence=True)
     for pair_id, confusion, confidence in preprocess.ordered_map(score, probs, max(1, workers)):
         tp, fp, fn, tn = confusion
         counts.append(confusion)
+        exact.append({**metrics.scores(*confusion),
+                      **{f"confidence_{k}": v for k, v in confidence.items()}})
         total = tp + fp + fn + tn
         rows.append({"id": pair_id, **{k: round(v, 6) for k, v in
                                        metrics.scores(*confusion).items()},
@@ -433,7 +435,7 @@ def evaluate_split(predictor, pairs, out, threshold, batch_size=BATCH_SIZE, work
                                                                predictor.members]
                    if len(predictor.members) > 1 else predictor.ckpt.get("recipe"),
                    threshold=threshold, tta=predictor.tta, postprocess=postprocess)
-    summary.update(metrics.judge(rows))
+    summary.update(metrics.judge(exact))
     preprocess.write_text(out / "summary.json", json.dumps(summary, indent=1))
     level = predictor.ckpt.get("confidence", {}).get("level") \
         if len(predictor.members) == 1 else None
