@@ -101,14 +101,14 @@ def iou_histogram_svg(iou):
     return _svg(parts, "histogram of per-image IoU")
 
 
-def lines_svg(series, xs, xlabel, ylabel, xlim, label):
+def lines_svg(series, xs, xlabel, ylabel, xlim, label, xticks=None):
     """Line chart: series = [(name, colour, [y per x])]; y axis fitted to the values."""
     values = [v for _, _, ys in series for v in ys if v == v]
     lo = max(0.0, np.floor(min(values, default=0) * 20) / 20)
     hi = min(1.0, np.ceil(max(values, default=1) * 20) / 20)
     hi = hi if hi > lo else lo + 0.05
     yticks = np.round(np.linspace(lo, hi, 5), 3)
-    xticks = np.round(np.linspace(*xlim, 6), 2)
+    xticks = np.round(np.linspace(*xlim, 6), 2) if xticks is None else xticks
     parts = _axes(xlabel, ylabel, xticks, yticks, xlim, (lo, hi))
     for i, (name, colour, ys) in enumerate(series):
         points = " ".join(f"{_x(x, *xlim):.1f},{_y(y, lo, hi):.1f}"
@@ -128,7 +128,7 @@ def review_svg(curve):
                       ("thresholded Jaccard of the rest", "#c0392b",
                        [r["threshold_jaccard"] for r in curve])],
                      xs, "least confident images set aside (%)", "score",
-                     (0, max(xs) if xs and max(xs) > 0 else 1), "review curve")
+                     (0, max(xs) if xs and max(xs) > 0 else 1), "review curve", xs)
 
 
 def threshold_svg(curve):

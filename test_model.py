@@ -646,7 +646,8 @@ def cross_validation(model_dir, device, args):
         if ckpt.get("fold") is None:
             continue
         scored[str(ckpt["fold"])] = {"checkpoint": str(path), "epoch": ckpt.get("epoch"),
-                                     "recipe": ckpt.get("recipe")}
+                                     "recipe": ckpt.get("recipe"), "train_pairs": len(
+                                         load_split(ckpt, args.data, "train"))}
         threshold = args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5)
         predictor = Predictor([(model, ckpt, path)], device, args.tta)
         pairs = load_split(ckpt, args.data, "valid")
