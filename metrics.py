@@ -271,6 +271,15 @@ def mask_agreement(maps, threshold=0.5):
     return int(masks.all(0).sum()) / union if union else 1.0
 
 
+def soft_iou_largest(prob, threshold=0.5):
+    """Soft IoU of a probability map with its largest lesion region, holes filled (the mask
+    post-processing keeps): also low where probability is spread over several regions."""
+    prob = np.asarray(prob, np.float32)
+    region = preprocess.largest_region_filled(prob >= np.float32(threshold)).astype(np.float32)
+    union = float(np.maximum(prob, region).sum())
+    return float(np.minimum(prob, region).sum()) / union if union else 1.0
+
+
 def identity_views(maps):
     """Each member's map without test-time views."""
     return np.asarray(maps)[::FLIP_VIEWS]
@@ -288,11 +297,12 @@ def confidence_candidates(maps, threshold=0.5):
         "view_agreement": agree,
         "mask_agreement": mask_agreement(maps, threshold),
         "soft_iou_x_agreement": base * agree,
+        "soft_iou_largest": soft_iou_largest(plain.mean(0), threshold),
     }
 
 
 CANDIDATES = ("soft_iou", "soft_iou_flips", "view_agreement", "mask_agreement",
-              "soft_iou_x_agreement")
+              "soft_iou_x_agreement", "soft_iou_largest")
 CONFIDENCE = "soft_iou_x_agreement"  # the candidate reported as "confidence" (measured: README)
 
 
@@ -316,7 +326,8 @@ def judge(rows, confidence=CONFIDENCE):
     chosen = values[confidence]
     candidates = {}
     for name, conf in values.items():
-        candidates[name] = failure_auroc_interval(conf, iou)
+        candidates[name] = {**failure_auroc_interval(conf, iou),
+                            "review_curve": review_curve(conf, iou)}
         if name != "soft_iou" and "soft_iou" in values:
             candidates[name]["vs_soft_iou"] = paired_auroc(conf, values["soft_iou"], iou)
     level = calibration_level(chosen, iou)

@@ -214,3 +214,13 @@ def test_judge_gives_intervals_auroc_and_the_review_curve():
     assert judged["confidence"]["auroc"] == 1.0  # confidence equal to IoU: a perfect ranking
     assert [r["set_aside"] for r in judged["review_curve"]] == list(metrics.REVIEW_FRACTIONS)
     assert judged["confidence"]["candidates"]["view_agreement"]["vs_soft_iou"]["mean"] == 0.0
+
+
+def test_soft_iou_largest_counts_a_second_region_as_doubt():
+    prob = np.zeros((6, 6), np.float32)
+    prob[0:2, 0:2] = 1.0   # 4 certain pixels: the largest region
+    prob[4:6, 5] = 0.9     # a second region of 2 pixels
+    # soft IoU with its own mask: min sums to 4 + 1.8, max to 6; with the largest region: the
+    # second region only adds to the maximum, 4 / (4 + 1.8)
+    assert metrics.soft_iou(prob) == pytest.approx(5.8 / 6)
+    assert metrics.soft_iou_largest(prob) == pytest.approx(4 / 5.8)
