@@ -298,12 +298,16 @@ def confidence_candidates(maps, threshold=0.5):
         "mask_agreement": mask_agreement(maps, threshold),
         "soft_iou_x_agreement": base * agree,
         "soft_iou_largest": soft_iou_largest(plain.mean(0), threshold),
+        # an ensemble's members without views (1 for a single model: it needs members)
+        "member_agreement": soft_agreement(plain),
+        "soft_iou_x_members": base * soft_agreement(plain),
     }
 
 
 CANDIDATES = ("soft_iou", "soft_iou_flips", "view_agreement", "mask_agreement",
-              "soft_iou_x_agreement", "soft_iou_largest")
-CONFIDENCE = "soft_iou_x_agreement"  # the candidate reported as "confidence" (measured: README)
+              "soft_iou_x_agreement", "soft_iou_largest", "member_agreement",
+              "soft_iou_x_members")
+CONFIDENCE = "soft_iou_largest"  # the candidate reported as "confidence" (measured: README)
 
 
 INTERVAL_SCORES = ("iou", "dice", "threshold_jaccard")  # the means reported with an interval
