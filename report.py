@@ -6,8 +6,10 @@ thumbnail with its true and predicted outlines, worst first.
 Nothing in the page points outside its folder: the charts are inline SVG, the thumbnails are
 JPEG files in thumbnails/ beside it, and a few lines of inline JavaScript re-sort them.
 """
+import csv
 import html
 import json
+from urllib.parse import quote
 
 import cv2
 import numpy as np
@@ -46,11 +48,11 @@ def thumbnail(image_path, truth, pred, path, exif=True, side=THUMB_SIDE):
 
 # ----------------------------------------------------------------------------- charts (SVG)
 
-W, H, PAD = 420, 240, 40  # chart size and margin, px
+W, H, PAD, LEFT = 420, 240, 40, 56  # chart size, margin and left margin (tick labels), px
 
 
 def _x(v, lo, hi):
-    return PAD + (v - lo) / (hi - lo) * (W - 2 * PAD)
+    return LEFT + (v - lo) / (hi - lo) * (W - LEFT - PAD)
 
 
 def _y(v, lo, hi):
@@ -58,19 +60,20 @@ def _y(v, lo, hi):
 
 
 def _axes(xlabel, ylabel, xticks, yticks, xlim, ylim):
-    parts = [f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#333"/>',
-             f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#333"/>']
+    parts = [f'<line x1="{LEFT}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#333"/>',
+             f'<line x1="{LEFT}" y1="{PAD}" x2="{LEFT}" y2="{H - PAD}" stroke="#333"/>']
     for t in xticks:
         x = _x(t, *xlim)
         parts.append(f'<text x="{x:.1f}" y="{H - PAD + 14}" font-size="10" '
                      f'text-anchor="middle">{t:g}</text>')
     for t in yticks:
         y = _y(t, *ylim)
-        parts.append(f'<text x="{PAD - 4}" y="{y + 3:.1f}" font-size="10" '
+        parts.append(f'<text x="{LEFT - 4}" y="{y + 3:.1f}" font-size="10" '
                      f'text-anchor="end">{t:g}</text>')
-        parts.append(f'<line x1="{PAD}" y1="{y:.1f}" x2="{W - PAD}" y2="{y:.1f}" '
+        parts.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{W - PAD}" y2="{y:.1f}" '
                      f'stroke="#ddd"/>')
-    parts.append(f'<text x="{W / 2}" y="{H - 6}" font-size="11" text-anchor="middle">'
+    parts.append(f'<text x="{(LEFT + W - PAD) / 2}" y="{H - 6}" font-size="11" '
+                 f'text-anchor="middle">'
                  f'{html.escape(xlabel)}</text>')
     parts.append(f'<text x="12" y="{H / 2}" font-size="11" text-anchor="middle" '
                  f'transform="rotate(-90 12 {H / 2})">{html.escape(ylabel)}</text>')
@@ -102,7 +105,9 @@ def iou_histogram_svg(iou):
 
 
 def lines_svg(series, xs, xlabel, ylabel, xlim, label, xticks=None):
-    """Line chart: series = [(name, colour, [y per x])]; y axis fitted to the values."""
+    """Line chart: series = [(name, colour, [y per x])]; y axis fitted to the values. Each
+    line is thinner and dashed over the one before, so that lines that coincide (thresholded
+    Jaccard equals IoU where no image fails) stay visible."""
     values = [v for _, _, ys in series for v in ys if v == v]
     lo = max(0.0, np.floor(min(values, default=0) * 20) / 20)
     hi = min(1.0, np.ceil(max(values, default=1) * 20) / 20)
@@ -113,8 +118,9 @@ def lines_svg(series, xs, xlabel, ylabel, xlim, label, xticks=None):
     for i, (name, colour, ys) in enumerate(series):
         points = " ".join(f"{_x(x, *xlim):.1f},{_y(y, lo, hi):.1f}"
                           for x, y in zip(xs, ys) if y == y)
+        dash = f' stroke-dasharray="{6 - i} 3"' if i else ""
         parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" '
-                     f'stroke-width="2"/>')
+                     f'stroke-width="{max(1.2, 3.5 - 1.2 * i)}"{dash}/>')
         parts += [f'<circle cx="{_x(x, *xlim):.1f}" cy="{_y(y, lo, hi):.1f}" r="2.5" '
                   f'fill="{colour}"/>' for x, y in zip(xs, ys) if y == y]
         parts.append(f'<text x="{W - PAD - 4}" y="{PAD + 12 + 13 * i}" font-size="11" '
@@ -211,7 +217,7 @@ def write_report(path, title, facts, headline, items, review=None, failure=None,
         text = (f"AUROC {auc:.3f} (95% interval {failure['low']:.3f} to "
                 f"{failure['high']:.3f})" if auc is not None else
                 "AUROC not defined (this split needs both failed and successful images)")
-        body.append(f"<p>Confidence ({html.escape(metrics.CONFIDENCE)}) telling the "
+        body.append(f"<p>Confidence ({html.escape(failure.get('name', metrics.CONFIDENCE))}) telling the "
                     f"{failure['failures']} failed images (IoU &lt; "
                     f"{metrics.JACCARD_THRESHOLD:g}) from the rest: {text}.</p>")
     charts = [f"<div><h3>Per-image IoU</h3>{iou_histogram_svg(iou)}</div>"]
@@ -250,7 +256,48 @@ def _item(r, level):
     name = html.escape(str(r["id"]))
     return (f'<figure class="{classes}" data-name="{name}" data-iou="{r["iou"]:.6f}" '
             f'data-confidence="{r["confidence"]:.6f}">'
-            f'<img src="{html.escape(r["thumbnail"])}" alt="{name}" loading="lazy">'
+            f'<img src="{html.escape(quote(r["thumbnail"]))}" alt="{name}" loading="lazy">'
             f"<figcaption><b>{name}</b><br>IoU {r['iou']:.3f}, thresholded Jaccard "
             f"{r['threshold_jaccard']:.3f}, confidence {r['confidence']:.3f}</figcaption>"
             "</figure>")
+
+
+# ----------------------------------------------------------------------------- from a run
+
+def write_evaluation(out, rows, summary, title, facts, level=None):
+    """report.html in `out` from per-image rows (id, iou, threshold_jaccard, confidence; the
+    thumbnails in out/thumbnails/<id>.jpg) and the summary (intervals, confidence, review
+    curve). Threshold curves that --threshold-analysis left beside `out` are shown too."""
+    curves = []
+    for table in sorted(out.parent.glob("threshold_*/threshold_curve.csv")):
+        with open(table) as f:
+            curves.append((table.parent.name.removeprefix("threshold_") + " split",
+                           list(csv.DictReader(f))))
+    items = [{"id": r["id"], "iou": float(r["iou"]), "confidence": float(r["confidence"]),
+              "threshold_jaccard": float(r["threshold_jaccard"]),
+              "thumbnail": f"thumbnails/{r['id']}.jpg"} for r in rows]
+    write_report(out / "report.html", title, facts, headline_rows(summary["intervals"]), items,
+                 summary.get("review_curve"), summary.get("confidence"), curves, level)
+    print(f"report: {out / 'report.html'} ({len(items)} thumbnails in {out / 'thumbnails'})")
+
+
+def judgement_lines(summary):
+    """The console lines of the intervals, the confidence's AUROC and the review curve."""
+    lines = ["means with 95% bootstrap intervals over images: " + ", ".join(
+        f"{k} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
+        for k, v in summary["intervals"].items())]
+    conf = summary.get("confidence")
+    if not conf:
+        return lines
+    if conf["auroc"] is None:
+        lines.append(f"confidence ({conf['name']}): no AUROC, the split needs failed (IoU < "
+                     f"{metrics.JACCARD_THRESHOLD:g}) and successful images ({conf['failures']} "
+                     f"failed of {conf['images']})")
+    else:
+        lines.append(f"confidence ({conf['name']}) AUROC for the {conf['failures']} failed "
+                     f"images of {conf['images']}: {conf['auroc']:.3f} [{conf['low']:.3f}, "
+                     f"{conf['high']:.3f}]")
+    lines.append("set aside the least confident: " + "; ".join(
+        f"{100 * r['set_aside']:g}% -> IoU {r['iou']:.4f}, thresholded Jaccard "
+        f"{r['threshold_jaccard']:.4f}" for r in summary["review_curve"]))
+    return lines

@@ -439,12 +439,12 @@ def evaluate_split(predictor, pairs, out, threshold, batch_size=BATCH_SIZE, work
     preprocess.write_text(out / "summary.json", json.dumps(summary, indent=1))
     level = predictor.ckpt.get("confidence", {}).get("level") \
         if len(predictor.members) == 1 else None
-    save_report(out, rows, summary, f"{predictor.name()}: {split} split", [
+    report.write_evaluation(out, rows, summary, f"{predictor.name()}: {split} split", [
         ("checkpoint", summary["checkpoint"]), ("epoch", summary["epoch"]),
         ("recipe", summary["recipe"]), ("split", f"{split}, {len(rows)} images"),
         ("threshold", threshold), ("test-time views", predictor.tta),
         ("post-processing", "largest region filled" if postprocess else "none")], level)
-    print_judgement(summary)
+    print("\n".join(report.judgement_lines(summary)))
     return summary
 
 
@@ -455,43 +455,6 @@ def confidence_columns(candidates):
     """Per-image CSV columns: the chosen confidence, then every candidate measured."""
     return {"confidence": round(candidates[metrics.CONFIDENCE], 6),
             **{f"confidence_{k}": round(v, 6) for k, v in candidates.items()}}
-
-
-def save_report(out, rows, summary, title, facts, level=None):
-    """report.html beside summary.json; threshold curves found beside it are shown too."""
-    curves = []
-    for table in sorted(out.parent.glob("threshold_*/threshold_curve.csv")):
-        with open(table) as f:
-            curves.append((table.parent.name.removeprefix("threshold_") + " split",
-                           list(csv.DictReader(f))))
-    items = [{"id": r["id"], "iou": float(r["iou"]), "confidence": float(r["confidence"]),
-              "threshold_jaccard": float(r["threshold_jaccard"]),
-              "thumbnail": f"thumbnails/{r['id']}.jpg"} for r in rows]
-    confidence = summary.get("confidence")
-    report.write_report(out / "report.html", title, facts,
-                        report.headline_rows(summary["intervals"]), items,
-                        summary.get("review_curve"), confidence, curves, level)
-    print(f"report: {out / 'report.html'} ({len(items)} thumbnails in {out / 'thumbnails'})")
-
-
-def print_judgement(summary):
-    """The intervals, the confidence's AUROC and the review curve, on the console."""
-    print("means with 95% bootstrap intervals over images: " + ", ".join(
-        f"{k} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
-        for k, v in summary["intervals"].items()))
-    conf = summary.get("confidence")
-    if not conf:
-        return
-    if conf["auroc"] is None:
-        print(f"confidence ({conf['name']}): no AUROC, the split needs failed (IoU < "
-              f"{metrics.JACCARD_THRESHOLD:g}) and successful images ({conf['failures']} failed "
-              f"of {conf['images']})")
-    else:
-        print(f"confidence ({conf['name']}) AUROC for the {conf['failures']} failed images of "
-              f"{conf['images']}: {conf['auroc']:.3f} [{conf['low']:.3f}, {conf['high']:.3f}]")
-    print("set aside the least confident: " + "; ".join(
-        f"{100 * r['set_aside']:g}% -> IoU {r['iou']:.4f}, thresholded Jaccard "
-        f"{r['threshold_jaccard']:.4f}" for r in summary["review_curve"]))
 
 
 def write_csv(path, rows, columns):
@@ -705,16 +668,15 @@ def summarise_folds(rows, per_fold, out, scored):
     if plain is not None:  # the report shows the fold models' own masks, no views or filling
         block = summary[variant_name(*plain)]
         print(f"{variant_name(*plain)}:")
-        print_judgement(block)
+        print("\n".join(report.judgement_lines(block)))
         fold_list = ", ".join(f"{f}: {c['checkpoint']} (epoch {c['epoch']})"
                               for f, c in sorted(scored.items()))
-        save_report(out, [r for r in rows if (r["tta"], r["postprocess"]) == plain], block,
-                    f"Cross-validation, out of fold: {out.parent}", [
-                        ("checkpoints", fold_list),
-                        ("recipe", next(iter(scored.values()))["recipe"] if scored else None),
-                        ("split", f"each fold model on its own validation fold, "
-                                  f"{block['images']} images"),
-                        ("variant", variant_name(*plain))])
+        mine = [r for r in rows if (r["tta"], r["postprocess"]) == plain]
+        report.write_evaluation(out, mine, block, f"Cross-validation, out of fold: {out.parent}", [
+            ("checkpoints", fold_list),
+            ("recipe", next(iter(scored.values()))["recipe"] if scored else None),
+            ("split", f"each fold model on its own validation fold, {block['images']} images"),
+            ("variant", variant_name(*plain))])
     return summary
 
 

@@ -5,6 +5,7 @@ import csv
 import json
 import re
 from html.parser import HTMLParser
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -52,7 +53,7 @@ def data(tmp_path_factory):
     return root, split_file, splits
 
 
-def checkpoint(path, data, confidence=None):
+def checkpoint(path, data, confidence=None, fold=None):
     """An untrained resnet18 FPN whose output bias is shifted so that about half of the pixels
     of the split's images are lesion: masks of mixed quality, some failed, some not."""
     root, split_file, splits = data
@@ -63,7 +64,8 @@ def checkpoint(path, data, confidence=None):
     with torch.inference_mode():
         model.segmentation_head[0].bias.data -= model(batch).median()
     settings = {"encoder": "resnet18", "encoder_depth": 5, "image_size": NET_SIZE,
-                "threshold": 0.5, "demo": True, "data": str(root), "split_file": str(split_file)}
+                "threshold": 0.5, "demo": True, "data": str(root), "split_file": str(split_file),
+                "seed": load_dataset.SEED, "fold": fold, "folds": 1 if fold is None else 2}
     record = model_lib.checkpoint_record(model, settings, 1, 0.5)
     if confidence is not None:
         record["confidence"] = confidence
@@ -99,7 +101,7 @@ def test_report_has_every_image_worst_first_and_names_only_files_beside_it(tmp_p
                                                    abs=1e-6)
         with Image.open(out / item["src"]) as thumb:
             assert max(thumb.size) <= 256
-    assert all((out / a).is_file() for a in page.addresses)
+    assert all((out / unquote(a)).is_file() for a in page.addresses)
     assert not re.search(r"https?:", text, re.I)
     summary = json.loads((out / "summary.json").read_text())
     for key in ("iou", "dice", "threshold_jaccard"):
@@ -149,3 +151,36 @@ def test_calibrate_stores_the_level_of_the_validation_failures(tmp_path, data, c
     assert fails.any()
     assert (conf[fails] < stored["level"]).sum() == int(np.ceil(0.9 * fails.sum()))
     model_lib.load_model(ckpt, torch.device("cpu"))  # still a checkpoint inference reads
+
+
+def test_report_shows_the_threshold_curve_left_beside_it(tmp_path, data, capsys):
+    ckpt = checkpoint(tmp_path / "m.pth", data)
+    run_main(["--checkpoint", ckpt, "--threshold-analysis", "--out", tmp_path / "threshold_valid",
+              "--workers", 0], capsys)
+    run_main(["--checkpoint", ckpt, "--evaluate", "--out", tmp_path / "test", "--workers", 0],
+             capsys)
+    text = (tmp_path / "test" / "report.html").read_text()
+    assert "Threshold curve (valid split)" in text
+    alone = tmp_path / "alone" / "test"
+    run_main(["--checkpoint", ckpt, "--evaluate", "--out", alone, "--workers", 0], capsys)
+    assert "Threshold curve" not in (alone / "report.html").read_text()
+
+
+def test_cross_validation_report_has_every_out_of_fold_image(tmp_path, data, capsys):
+    models = tmp_path / "folds"
+    models.mkdir()
+    for fold in (0, 1):
+        checkpoint(models / f"resnet18_fold{fold}.pth", data, fold=fold)
+    printed = run_main(["--cross-validation", models, "--workers", 0], capsys)
+    out = models / "cross_validation"
+    page = Page()
+    page.feed((out / "report.html").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    plain = summary["tta none, no post-processing"]
+    assert len(page.items) == plain["images"] == len(list((out / "thumbnails").glob("*.jpg")))
+    ious = [i["iou"] for i in page.items]
+    assert ious == sorted(ious)
+    assert plain["intervals"]["iou"]["mean"] == pytest.approx(plain["pooled"]["iou"], abs=1e-5)
+    assert {c["train_pairs"] for c in summary["checkpoints"].values()} == {
+        plain["images"] - plain["images"] // 2, plain["images"] // 2}
+    assert "out-of-fold IoU" in printed and "95% bootstrap intervals" in printed
