@@ -123,8 +123,9 @@ def lines_svg(series, xs, xlabel, ylabel, xlim, label, xticks=None):
                      f'stroke-width="{max(1.2, 3.5 - 1.2 * i)}"{dash}/>')
         parts += [f'<circle cx="{_x(x, *xlim):.1f}" cy="{_y(y, lo, hi):.1f}" r="2.5" '
                   f'fill="{colour}"/>' for x, y in zip(xs, ys) if y == y]
-        parts.append(f'<text x="{W - PAD - 4}" y="{PAD + 12 + 13 * i}" font-size="11" '
-                     f'text-anchor="end" fill="{colour}">{html.escape(name)}</text>')
+        # the legend sits in the top margin, clear of every line
+        parts.append(f'<text x="{LEFT + 4}" y="{11 + 12 * i}" font-size="11" '
+                     f'fill="{colour}">{html.escape(name)}</text>')
     return _svg(parts, label)
 
 

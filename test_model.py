@@ -672,7 +672,8 @@ def summarise_folds(rows, per_fold, out, scored):
         fold_list = ", ".join(f"{f}: {c['checkpoint']} (epoch {c['epoch']})"
                               for f, c in sorted(scored.items()))
         mine = [r for r in rows if (r["tta"], r["postprocess"]) == plain]
-        report.write_evaluation(out, mine, block, f"Cross-validation, out of fold: {out.parent}", [
+        models = Path(next(iter(scored.values()))["checkpoint"]).parent
+        report.write_evaluation(out, mine, block, f"Cross-validation, out of fold: {models}", [
             ("checkpoints", fold_list),
             ("recipe", next(iter(scored.values()))["recipe"] if scored else None),
             ("split", f"each fold model on its own validation fold, {block['images']} images"),
