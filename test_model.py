@@ -13,6 +13,7 @@ import os
 import random
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 # ----------------------------------------------------------------------------- settings
@@ -48,6 +49,7 @@ import load_dataset  # noqa: E402
 import metrics  # noqa: E402
 import model as model_lib  # noqa: E402
 import preprocess  # noqa: E402
+import report  # noqa: E402
 from model import CheckpointError, SettingError  # noqa: E402
 
 NOT_IMAGES = ("_segmentation", "_mask", "_superpixels", "_overlay")  # stems skipped in folders
@@ -316,7 +318,7 @@ def predict_files(predictor, items, out, threshold, postprocess=False):
     out.mkdir(parents=True, exist_ok=True)
     report_replaced(out, [f"{name}_{kind}.png" for _, _, name in items
                           for kind in ("segmentation", "overlay")])
-    done = 0
+    done, level = 0, calibrated_level(predictor, threshold)
     for image_path, mask_path, name in items:
         try:
             truth, exif = None, True
@@ -333,6 +335,7 @@ def predict_files(predictor, items, out, threshold, postprocess=False):
             print(f"skipped {load_dataset.describe_error(exc, image_path)}", file=sys.stderr)
             continue
         pred = finish_mask(prob, threshold, postprocess)
+        confidence = image_confidence(predictor, image_path, exif, threshold)
         mask_file, figure = out / f"{name}_segmentation.png", out / f"{name}_overlay.png"
         write_mask(to_png_mask(pred), mask_file)
         line = ""
@@ -343,9 +346,34 @@ def predict_files(predictor, items, out, threshold, postprocess=False):
                      f"{image_path.name}  ({predictor.name()}, threshold {threshold:g})",
                      exif)
         print(f"{image_path} ({pred.shape[1]}x{pred.shape[0]}): mask {mask_file}, "
-              f"overlay {figure}{line}")
+              f"overlay {figure}{line}; confidence {confidence:.3f}")
+        if level is not None and confidence < level:
+            print(f"low confidence: review this mask ({confidence:.3f} < {level:.3f}, the level "
+                  f"that set aside 90% of the failures on validation)")
         done += 1
     return done
+
+
+def calibrated_level(predictor, threshold):
+    """The confidence level stored by --calibrate, when it applies to this prediction: one
+    checkpoint, the same confidence and threshold it was measured with."""
+    stored = predictor.ckpt.get("confidence") or {}
+    if len(predictor.members) != 1 or stored.get("name") != metrics.CONFIDENCE \
+            or stored.get("level") is None:
+        return None
+    if abs(float(stored.get("threshold", threshold)) - threshold) > 1e-9:
+        print(f"note: the stored confidence level was calibrated at threshold "
+              f"{stored['threshold']:g}, not {threshold:g}: no review warning")
+        return None
+    return float(stored["level"])
+
+
+def image_confidence(predictor, image_path, exif, threshold):
+    """The per-image confidence of one image (metrics.CONFIDENCE), as --evaluate computes it."""
+    images = preprocess.eval_input(image_path, predictor.settings, exif)[0]
+    pair = load_dataset.Pair(id=Path(image_path).stem, image=Path(image_path), exif=exif)
+    maps = confidence_maps(predictor, images, [pair])[0]
+    return metrics.confidence_candidates(maps, threshold)[metrics.CONFIDENCE]
 
 
 def read_truth_beside(mask_path):
@@ -365,8 +393,33 @@ def report_replaced(out, names):
 
 # ----------------------------------------------------------------------------- a whole split
 
-def split_probabilities(predictor, pairs, batch_size, workers, desc):
-    """Yield (pair, probability map (see Predictor.batch), true mask as packed bits, its (h, w)).
+def confidence_maps(predictor, images, pairs):
+    """(N, members x 4, h, w) probability maps at the first member's network size, that the
+    per-image confidence reads (metrics.confidence_candidates): each member under the 4 flip
+    views, whatever test-time views the prediction itself uses."""
+    cuda = predictor.device.type == "cuda"
+    size = tuple(predictor.settings.size_hw)
+    per_member = []
+    for model, ckpt, _ in predictor.members:
+        settings = model_lib.input_settings(ckpt)
+        x = images if settings == predictor.settings else torch.cat(
+            [preprocess.eval_input(p.image, settings, p.exif)[0] for p in pairs])
+        views = []
+        for forward, inverse in model_lib.tta_views("flips", True):
+            probs = model_lib.probabilities(model, forward(x), predictor.device,
+                                            MIXED_PRECISION and cuda, CHANNELS_LAST and cuda)
+            views.append(inverse(probs[:, None])[:, 0].cpu().numpy())
+        maps = np.stack(views, 1)
+        if maps.shape[-2:] != size:  # a member of another size: brought to the first's
+            maps = np.stack([[cv2.resize(v, size[::-1], interpolation=cv2.INTER_LINEAR)
+                              for v in image] for image in maps])
+        per_member.append(maps)
+    return np.concatenate(per_member, 1)
+
+
+def split_probabilities(predictor, pairs, batch_size, workers, desc, confidence=False):
+    """Yield (pair, probability map (see Predictor.batch), true mask as packed bits, its (h, w)),
+    and with `confidence` the image's confidence_maps last.
 
     The images and masks go through load_dataset's Dataset exactly as validation during
     training reads them (same decode, resize and normalisation, from the checkpoint)."""
@@ -381,45 +434,70 @@ def split_probabilities(predictor, pairs, batch_size, workers, desc):
                 continue
             images, _, ids, truths = batch
             probs = predictor.batch(images, [by_id[i] for i in ids])
-            for prob, pair_id, (bits, hw) in zip(probs, ids, truths):
-                yield by_id[pair_id], prob, bits, hw  # unpacked in the scoring threads
+            maps = confidence_maps(predictor, images, [by_id[i] for i in ids]) \
+                if confidence else None
+            for j, (prob, pair_id, (bits, hw)) in enumerate(zip(probs, ids, truths)):
+                item = (by_id[pair_id], prob, bits, hw)  # unpacked in the scoring threads
+                yield item + (maps[j],) if confidence else item
                 bar.update()
 
 
-def evaluate_split(predictor, pairs, out, threshold, batch_size=BATCH_SIZE, workers=WORKERS,
-                   split="test", postprocess=False):
-    """ISIC-format masks of every pair in <out>/masks, per_image.csv and summary.json."""
-    mask_dir = out / "masks"
+@dataclass
+class Scoring:
+    """How a split is scored: its name, the data folder it comes from, the loader's batch and
+    workers, and post-processing."""
+    split: str = "test"
+    data: str = None
+    batch_size: int = BATCH_SIZE
+    workers: int = WORKERS
+    postprocess: bool = False
+
+
+def evaluate_split(predictor, pairs, out, threshold, scoring=None):
+    """ISIC-format masks of every pair in <out>/masks, per_image.csv (scores and confidence),
+    summary.json (means with their intervals, the confidence's AUROC, the review curve) and
+    report.html with a thumbnail of every image in <out>/thumbnails."""
+    scoring = scoring or Scoring()
+    split, workers, postprocess = scoring.split, scoring.workers, scoring.postprocess
+    mask_dir, thumb_dir = out / "masks", out / "thumbnails"
     mask_dir.mkdir(parents=True, exist_ok=True)
+    thumb_dir.mkdir(exist_ok=True)
     old = list(mask_dir.glob("*_segmentation.png"))
     if old or (out / "summary.json").exists():
         print(f"note: replacing the earlier evaluation in {out} ({len(old)} masks)")
-    for path in old:  # a stale mask would be scored as this run's
+    for path in old + list(thumb_dir.glob("*.jpg")):  # a stale mask would be scored as this run's
         path.unlink()
     if any(not load_dataset.ISIC_ID.search(p.id) for p in pairs):
         print("note: some ids hold no ISIC_<7 digits> id; the official scorer cannot match them")
 
-    def score(pair, prob, bits, hw):
+    def score(pair, prob, bits, hw, maps):
         truth = preprocess.unpack_truth(bits, hw)
         pred = finish_mask(preprocess.prob_to_original(prob, truth.shape), threshold,
                            postprocess)
         write_mask(to_png_mask(pred), mask_dir / f"{pair.id}_segmentation.png")
-        return pair.id, metrics.confusion(pred, truth)
+        report.thumbnail(pair.image, truth, pred, thumb_dir / f"{pair.id}.jpg", pair.exif)
+        return pair.id, metrics.confusion(pred, truth), \
+            metrics.confidence_candidates(maps, threshold)
 
-    rows, counts = [], []
-    probs = split_probabilities(predictor, pairs, batch_size, workers, f"evaluate {split}")
-    for pair_id, confusion in preprocess.ordered_map(score, probs, max(1, workers)):
+    rows, counts, exact = [], [], []
+    probs = split_probabilities(predictor, pairs, scoring.batch_size, workers,
+                                f"evaluate {split}", confidence=True)
+    for pair_id, confusion, confidence in preprocess.ordered_map(score, probs, max(1, workers)):
         tp, fp, fn, tn = confusion
         counts.append(confusion)
+        exact.append({**metrics.scores(*confusion),
+                      **{f"confidence_{k}": v for k, v in confidence.items()}})
         total = tp + fp + fn + tn
         rows.append({"id": pair_id, **{k: round(v, 6) for k, v in
                                        metrics.scores(*confusion).items()},
                      "predicted_area": round((tp + fp) / total, 6),
-                     "true_area": round((tp + fn) / total, 6)})
-    preprocess.write_csv(out / "per_image.csv", rows,
-                         ["id", *metrics.SCORE_NAMES, "predicted_area", "true_area"])
+                     "true_area": round((tp + fn) / total, 6),
+                     **confidence_columns(confidence)})
+    preprocess.write_csv(out / "per_image.csv", rows, ["id", *metrics.SCORE_NAMES,
+                                                       "predicted_area", "true_area",
+                                                       *CONFIDENCE_COLUMNS])
     summary = metrics.mean_scores(counts)
-    summary.update(split=split, checkpoint=[str(p) for _, _, p in predictor.members]
+    summary.update(data=scoring.data, split=split, split_size=len(pairs), checkpoint=[str(p) for _, _, p in predictor.members]
                    if len(predictor.members) > 1 else str(predictor.path),
                    epoch=predictor.ckpt.get("epoch"), recipe=[c.get("recipe") for _, c, _ in
                                                                predictor.members]
@@ -428,8 +506,26 @@ def evaluate_split(predictor, pairs, out, threshold, batch_size=BATCH_SIZE, work
                    **predictor.describe())
     if len(predictor.members) > 1:
         summary["epoch"] = [c.get("epoch") for _, c, _ in predictor.members]
+    summary.update(metrics.judge(exact))
     preprocess.write_text(out / "summary.json", json.dumps(summary, indent=1))
+    level = predictor.ckpt.get("confidence", {}).get("level") \
+        if len(predictor.members) == 1 else None
+    report.write_evaluation(out, rows, summary, f"{predictor.name()}: {split} split", [
+        ("checkpoint", summary["checkpoint"]), ("epoch", summary["epoch"]),
+        ("recipe", summary["recipe"]), ("data", scoring.data), ("split", f"{split}, {len(rows)} images"),
+        ("threshold", threshold), ("test-time views", predictor.tta),
+        ("post-processing", "largest region filled" if postprocess else "none")], level)
+    print("\n".join(report.judgement_lines(summary)))
     return summary
+
+
+CONFIDENCE_COLUMNS = ("confidence", *(f"confidence_{name}" for name in metrics.CANDIDATES))
+
+
+def confidence_columns(candidates):
+    """Per-image CSV columns: the chosen confidence, then every candidate measured."""
+    return {"confidence": round(candidates[metrics.CONFIDENCE], 6),
+            **{f"confidence_{k}": round(v, 6) for k, v in candidates.items()}}
 
 
 def threshold_counts(prob, truth, thresholds):
@@ -567,32 +663,57 @@ def cross_validation(model_dir, device, args):
         raise UsageError(f"no fold model (*_fold<I>{'_last' if last else ''}.pth) in "
                          f"{where}: train them with `python train_model.py --folds K "
                          f"--fold I`")
+    out = Path(args.out) if args.out else Path(model_dir) / (
+        "cross_validation_last" if last else "cross_validation")
+    thumb_dir = out / "thumbnails"
+    thumb_dir.mkdir(parents=True, exist_ok=True)
+    for stale in thumb_dir.glob("*.jpg"):
+        stale.unlink()
     rows, per_fold, scored = [], {}, {}
     for path in files:
         model, ckpt = model_lib.load_model(path, device, CHANNELS_LAST)
         if ckpt.get("fold") is None:
             continue
-        scored[str(ckpt["fold"])] = {"checkpoint": str(path), "epoch": ckpt.get("epoch")}
+        scored[str(ckpt["fold"])] = {"checkpoint": str(path), "epoch": ckpt.get("epoch"),
+                                     "recipe": ckpt.get("recipe"), "train_pairs": len(
+                                         load_split(ckpt, args.data, "train"))}
         threshold = args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5)
         predictor = Predictor([(model, ckpt, path)], device, args.tta)
-        counts = variant_counts(predictor, load_split(ckpt, args.data, "valid"), threshold,
-                                args.batch_size, args.workers, f"fold {ckpt['fold']}")
+        pairs = load_split(ckpt, args.data, "valid")
+        counts = variant_counts(predictor, pairs, threshold, args.batch_size, args.workers,
+                                f"fold {ckpt['fold']}")
+        confidence = fold_confidence(predictor, pairs, threshold, thumb_dir, args)
         for variant, per_id in counts.items():
             per_fold.setdefault(variant, {})[ckpt["fold"]] = metrics.mean_scores(per_id.values())
             rows += [{"fold": ckpt["fold"], "id": i, "tta": variant[0],
                       "postprocess": variant[1], **{k: round(v, 6) for k, v in
-                                                    metrics.scores(*c).items()}}
+                                                    metrics.scores(*c).items()},
+                      **confidence_columns(confidence[i])}
                      for i, c in per_id.items()]
-    out = Path(args.out) if args.out else Path(model_dir) / (
-        "cross_validation_last" if last else "cross_validation")
     return summarise_folds(rows, per_fold, out, scored)
+
+
+def fold_confidence(predictor, pairs, threshold, thumb_dir, args):
+    """{id: confidence candidates} of a fold model on its own fold, and a thumbnail of each
+    image with its mask without test-time views or post-processing (the report's variant)."""
+    plain = Predictor(predictor.members, predictor.device, "none")
+
+    def judge(pair, prob, bits, hw, maps):
+        truth = preprocess.unpack_truth(bits, hw)
+        pred = finish_mask(preprocess.prob_to_original(prob, truth.shape), threshold, False)
+        report.thumbnail(pair.image, truth, pred, thumb_dir / f"{pair.id}.jpg", pair.exif)
+        return pair.id, metrics.confidence_candidates(maps, threshold)
+    probs = split_probabilities(plain, pairs, args.batch_size, args.workers,
+                                "confidence", confidence=True)
+    return dict(preprocess.ordered_map(judge, probs, max(1, args.workers)))
 
 
 def summarise_folds(rows, per_fold, out, scored):
     out.mkdir(parents=True, exist_ok=True)
     report_replaced(out, ["per_image.csv", "summary.json"])
-    preprocess.write_csv(out / "per_image.csv", rows,
-                         ["fold", "id", "tta", "postprocess", *metrics.SCORE_NAMES])
+    preprocess.write_csv(out / "per_image.csv", rows, ["fold", "id", "tta", "postprocess",
+                                                       *metrics.SCORE_NAMES,
+                                                       *CONFIDENCE_COLUMNS])
     summary = {"checkpoints": scored}
     for variant, folds in per_fold.items():
         mine = [r for r in rows if (r["tta"], r["postprocess"]) == variant]
@@ -601,13 +722,29 @@ def summarise_folds(rows, per_fold, out, scored):
         summary[variant_name(*variant)] = {
             "images": len(mine), "folds": sorted(folds), "pooled": pooled,
             "fold_std": spread, "per_fold": {str(f): {k: folds[f][k] for k in pooled}
-                                             for f in sorted(folds)}}
+                                             for f in sorted(folds)}, **metrics.judge(mine)}
+        ci = summary[variant_name(*variant)]["intervals"]
         print(f"{variant_name(*variant):<45} out-of-fold IoU {pooled['iou']:.4f} "
-              f"(folds ±{spread['iou']:.4f}), thresholded Jaccard "
-              f"{pooled['threshold_jaccard']:.4f} (±{spread['threshold_jaccard']:.4f}), "
-              f"{len(mine)} images, folds {sorted(folds)}")
+              f"[{ci['iou']['low']:.4f}, {ci['iou']['high']:.4f}] (folds ±{spread['iou']:.4f}), "
+              f"thresholded Jaccard {pooled['threshold_jaccard']:.4f} "
+              f"[{ci['threshold_jaccard']['low']:.4f}, {ci['threshold_jaccard']['high']:.4f}] "
+              f"(±{spread['threshold_jaccard']:.4f}), {len(mine)} images, folds {sorted(folds)}")
     preprocess.write_text(out / "summary.json", json.dumps(summary, indent=1))
     print(f"saved {out / 'per_image.csv'}, {out / 'summary.json'}")
+    plain = next((v for v in per_fold if v == ("none", False)), None)
+    if plain is not None:  # the report shows the fold models' own masks, no views or filling
+        block = summary[variant_name(*plain)]
+        print(f"{variant_name(*plain)}:")
+        print("\n".join(report.judgement_lines(block)))
+        fold_list = ", ".join(f"{f}: {c['checkpoint']} (epoch {c['epoch']})"
+                              for f, c in sorted(scored.items()))
+        mine = [r for r in rows if (r["tta"], r["postprocess"]) == plain]
+        models = Path(next(iter(scored.values()))["checkpoint"]).parent
+        report.write_evaluation(out, mine, block, f"Cross-validation, out of fold: {models}", [
+            ("checkpoints", fold_list),
+            ("recipe", next(iter(scored.values()))["recipe"] if scored else None),
+            ("split", f"each fold model on its own validation fold, {block['images']} images"),
+            ("variant", variant_name(*plain))])
     return summary
 
 
@@ -626,6 +763,9 @@ def parse_args(argv=None):
     mode.add_argument("--evaluate", action="store_true", help="score every image of --split")
     mode.add_argument("--threshold-analysis", action="store_true",
                       help="probability histogram and scores against the threshold on --split")
+    mode.add_argument("--calibrate", action="store_true",
+                      help="score --split (default valid) and store in the checkpoint the "
+                           "confidence level that sets aside 90%% of its failures")
     mode.add_argument("--cross-validation", nargs="?", const=MODEL_DIR, default=None,
                       metavar="MODEL_DIR", help="score each fold model on its own fold")
     p.add_argument("--last", action="store_true",
@@ -680,16 +820,20 @@ def run(args):
         [path for _, _, path in predictor.members])
     if args.threshold_analysis:
         analyse(predictor, args, threshold, outputs or results)
+    elif args.calibrate:
+        calibrate(predictor, args, threshold, outputs or results)
     elif args.evaluate:
         split = args.split or EVALUATE_SPLIT
         out = outputs or results / scored_folder(predictor, args.data, split)
         pairs = load_split(ckpt, args.data, split)
         print(f"scoring the {split} split of {data_dir_of(ckpt, args.data)}: "
               f"{load_dataset.pairs_word(len(pairs))}, into {out}")
-        summary = evaluate_split(predictor, pairs, out, threshold, args.batch_size,
-                                 args.workers, split, args.postprocess)
+        summary = evaluate_split(predictor, pairs, out, threshold, Scoring(
+            split, str(data_dir_of(ckpt, args.data)), args.batch_size, args.workers,
+            args.postprocess))
         print(f"{split} split, {summary['images']} images, threshold {threshold:g}: " + ", ".join(
-            f"{name} {summary[name]:.4f}" for name in metrics.SCORE_NAMES))
+            f"{name} {summary[name]:.4f}" for name in metrics.SCORE_NAMES)
+            + " (intervals above)")
         print(f"masks: {out / 'masks'} (official score: isic-challenge-scoring segmentation "
               f"TRUTH_DIR {out / 'masks'}, with TRUTH_DIR a folder of the true masks of these "
               f"{summary['images']} images, as listed in per_image.csv); "
@@ -708,6 +852,35 @@ def run(args):
                              args.postprocess):
             raise UsageError("no image could be read")
     return 0
+
+
+def calibrate(predictor, args, threshold, folder):
+    """Evaluate the validation split and store, in the checkpoint, the confidence level below
+    which 90% of its failed images fall: --image then flags masks below it."""
+    if len(predictor.members) != 1:
+        raise UsageError("--calibrate stores a level in one checkpoint: name one (an "
+                         "ensemble's confidence differs from each member's)")
+    split = args.split or "valid"
+    if split == "test":
+        print("note: calibrating on the test split leaves no untouched split to check it on")
+    out = folder if args.out else folder / split
+    summary = evaluate_split(predictor, load_split(predictor.ckpt, args.data, split), out,
+                             threshold, Scoring(split, str(data_dir_of(predictor.ckpt, args.data)),
+                                                args.batch_size, args.workers, args.postprocess))
+    conf = summary["confidence"]
+    if conf["level_90"] is None:
+        raise UsageError(f"no failed image (IoU < {metrics.JACCARD_THRESHOLD:g}) among the "
+                         f"{summary['images']} of the {split} split: no level to calibrate")
+    path = Path(predictor.path)
+    ckpt = model_lib.load_checkpoint(path)  # as stored, not as this run may have changed it
+    ckpt["confidence"] = {"name": metrics.CONFIDENCE, "level": conf["level_90"],
+                          "threshold": float(threshold), "split": split,
+                          "images": summary["images"], "failures": conf["failures"]}
+    model_lib.save_checkpoint(ckpt, path)
+    print(f"stored in {path}: confidence level {conf['level_90']:.4f} ({metrics.CONFIDENCE}); "
+          f"below it fall {conf['level_90_failures']} of the {conf['failures']} failed images "
+          f"of the {split} split, and {conf['level_90_images']} of its {summary['images']} "
+          f"images in all; --image warns below it")
 
 
 def analyse(predictor, args, threshold, folder):

@@ -22,17 +22,27 @@ The runs behind the README's table (D: the data; two such loops at a time on 2 c
 Per row: the out-of-fold mean over all scored images (per image, as the ISIC scorer
 averages), the standard deviation of the fold means, and the paired difference from the
 plain loop on the same folds (mean and standard deviation over folds; population standard
-deviations, as test_model.py --cross-validation reports them); then the training
-minutes per fold (validation included for the recipes) and training images per second. A
-recipe's test-time and post-processing variants are also paired against its plain variant.
+deviations, as test_model.py --cross-validation reports them) with, in square brackets, the
+95% paired bootstrap interval of the per-image difference (the same images resampled for
+both, metrics.paired_bootstrap); then the training minutes per fold (validation included for
+the recipes) and training images per second. A recipe's test-time and post-processing
+variants are also paired against its plain variant.
+
+Everything is read from files the runs write: per-image CSVs, the cross-validation
+summary.json (training pairs per fold) and each fold's epoch log (seconds per epoch).
 """
 import argparse
 import csv
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import metrics  # noqa: E402
+import model as model_lib  # noqa: E402
 
 KEYS = ("iou", "threshold_jaccard")
 PLAIN_VARIANT = ("none", "False")
@@ -82,36 +92,61 @@ def read_plain(folder):
     return rows, minutes, speed
 
 
+def train_pairs(summary, rows):
+    """{fold: training pairs} from the cross-validation summary.json; for one written before
+    it recorded them, every scored image outside the fold (the folds partition the pool)."""
+    recorded = {int(f): c["train_pairs"] for f, c in summary.get("checkpoints", {}).items()
+                if c.get("train_pairs") is not None}
+    plain = [r for r in rows if (r["tta"], r["postprocess"]) == PLAIN_VARIANT]
+    folds = [int(r["fold"]) for r in plain]
+    return recorded or {f: len(folds) - folds.count(f) for f in set(folds)}
+
+
 def read_recipe(folder, last):
-    table = folder / ("cross_validation_last" if last else "cross_validation") / "per_image.csv"
+    scored = folder / ("cross_validation_last" if last else "cross_validation")
+    table = scored / "per_image.csv"
     if not table.is_file():
         sys.exit(f"no {table}: run python test_model.py --cross-validation {folder}"
                  f"{' --last' if last else ''}")
     with open(table) as f:
         rows = list(csv.DictReader(f))
+    summary = json.loads((scored / "summary.json").read_text()) \
+        if (scored / "summary.json").is_file() else {}
+    pairs = train_pairs(summary, rows)
     seconds, images = [], []
-    for log in sorted(folder.glob("*_fold*_log.csv")):
+    for log in sorted(folder.glob(f"*{model_lib.RUN_FILES['log']}")):
+        fold = model_lib.fold_of(log)
+        if fold is None:
+            continue
         with open(log) as f:
             epochs = list(csv.DictReader(f))
-        report = log.with_name(log.name.replace("_log.csv", "_data.txt"))
-        found = re.search(r"Split train: (\d+) pairs", report.read_text()) \
-            if report.is_file() else None
         seconds.append(sum(float(e["seconds"]) for e in epochs))
-        if found:
-            images.append(int(found.group(1)) * len(epochs) / seconds[-1])
+        if fold in pairs and seconds[-1] > 0:
+            images.append(pairs[fold] * len(epochs) / seconds[-1])
     minutes = statistics.mean(seconds) / 60 if seconds else None
     return rows, minutes, statistics.mean(images) if images else None
+
+
+def per_image_difference(rows, reference):
+    """metrics.paired_bootstrap of rows - reference on the images both scored, by id."""
+    theirs = {r["id"]: r for r in reference}
+    common = [r for r in rows if r["id"] in theirs]
+    return {k: metrics.paired_bootstrap([float(r[k]) for r in common],
+                                        [float(theirs[r["id"]][k]) for r in common])
+            for k in KEYS}
 
 
 def cell(rows, reference):
     means = fold_means(rows)
     spread = {k: statistics.pstdev(m[k] for m in means.values()) for k in KEYS}
     diff = paired(means, fold_means(reference)) if reference is not None else None
+    boot = per_image_difference(rows, reference) if reference is not None else None
     out = []
     for k in KEYS:
         text = f"{pooled(rows)[k]:.3f} ± {spread[k]:.3f}"
         if diff:
-            text += f" ({diff[k][0]:+.3f} ± {diff[k][1]:.3f})"
+            text += (f" ({diff[k][0]:+.3f} ± {diff[k][1]:.3f}; "
+                     f"[{boot[k]['low']:+.3f}, {boot[k]['high']:+.3f}])")
         out.append(text)
     return out
 
@@ -128,8 +163,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     plain, minutes, speed = read_plain(args.plain)
-    print("| recipe | out-of-fold IoU (vs plain) | out-of-fold thresholded Jaccard (vs plain) "
-          "| minutes per fold | images/s |")
+    print("| recipe | out-of-fold IoU (vs plain; 95% paired bootstrap) | out-of-fold "
+          "thresholded Jaccard (vs plain; 95% paired bootstrap) | minutes per fold | images/s |")
     print("| --- | --- | --- | --- | --- |")
     print(f"| plain loop ({args.plain}) | {' | '.join(cell(plain, None))} | "
           f"{number(minutes, 2)} | {number(speed, 1)} |")
@@ -149,10 +184,15 @@ def main(argv=None):
             print(f"| {name} | {' | '.join(cell(mine, plain))} | {timing} |")
             if variant != PLAIN_VARIANT and base:
                 d = paired(fold_means(mine), fold_means(base))
+                b = per_image_difference(mine, base)
                 gains.append(f"{name}: over no TTA/post-processing, IoU {d['iou'][0]:+.3f} ± "
                              f"{d['iou'][1]:.3f}, thresholded Jaccard "
                              f"{d['threshold_jaccard'][0]:+.3f} ± "
-                             f"{d['threshold_jaccard'][1]:.3f} (paired over folds)")
+                             f"{d['threshold_jaccard'][1]:.3f} (paired over folds); 95% paired "
+                             f"bootstrap over images: IoU [{b['iou']['low']:+.3f}, "
+                             f"{b['iou']['high']:+.3f}], thresholded Jaccard "
+                             f"[{b['threshold_jaccard']['low']:+.3f}, "
+                             f"{b['threshold_jaccard']['high']:+.3f}]")
     print("\n".join([""] + gains))
 
 

@@ -47,7 +47,8 @@ def test_table_pairs_each_recipe_with_the_plain_loop_fold_by_fold(tmp_path, caps
     for fold, seconds in ((0, (60, 120)), (1, (90, 90))):
         write_csv(recipe / f"r_fold{fold}_log.csv", [{"epoch": e + 1, "seconds": s}
                                                      for e, s in enumerate(seconds)])
-        (recipe / f"r_fold{fold}_data.txt").write_text("Split train: 180 pairs\n")
+    (recipe / "cross_validation" / "summary.json").write_text(json.dumps(
+        {"checkpoints": {"0": {"train_pairs": 180}, "1": {"train_pairs": 180}}}))
 
     compare_recipes.main(["--plain", str(plain), str(recipe)])
     lines = capsys.readouterr().out.splitlines()
@@ -57,13 +58,27 @@ def test_table_pairs_each_recipe_with_the_plain_loop_fold_by_fold(tmp_path, caps
     # recipe: pooled 2.0/3, fold means 0.7 and 0.6; paired +0.1 and +0.2; 3 minutes;
     # 180 images x 2 epochs in 180 s
     # TJ fold means 0.4 and 0 (paired +0.05 and 0)
-    assert lines[3] == ("| recipe | 0.667 ± 0.050 (+0.150 ± 0.050) | 0.267 ± 0.200 "
-                        "(+0.025 ± 0.025) | 3.00 | 2.0 |")
+    # per image, recipe - plain: IoU +0.1, +0.1, +0.2; resampling 3 images, the mean is +0.1
+    # with chance 8/27 and +0.2 with 1/27 (both above 2.5%): the interval is [+0.1, +0.2].
+    # Thresholded Jaccard 0, +0.1, 0: [0, +0.1] the same way
+    assert lines[3] == ("| recipe | 0.667 ± 0.050 (+0.150 ± 0.050; [+0.100, +0.200]) | "
+                        "0.267 ± 0.200 (+0.025 ± 0.025; [+0.000, +0.100]) | 3.00 | 2.0 |")
     assert lines[4].startswith("| recipe, tta none, post-processing True | 0.733 ± 0.100 "
-                               "(+0.200 ± 0.000)")
+                               "(+0.200 ± 0.000; [+0.200, +0.200])")
     gain = [line for line in lines if "over no TTA" in line]
+    # post-processing over none, per image: IoU +0.1, +0.1, 0; thresholded Jaccard +0.7, +0.1, 0
     assert gain == ["recipe, tta none, post-processing True: over no TTA/post-processing, IoU "
-                    "+0.050 ± 0.050, thresholded Jaccard +0.200 ± 0.200 (paired over folds)"]
+                    "+0.050 ± 0.050, thresholded Jaccard +0.200 ± 0.200 (paired over folds); "
+                    "95% paired bootstrap over images: IoU [+0.000, +0.100], thresholded "
+                    "Jaccard [+0.000, +0.700]"]
+
+
+def test_training_pairs_come_from_the_folds_when_the_summary_has_none():
+    rows = [{"fold": f, "id": i, "tta": "none", "postprocess": "False"}
+            for f, i in ((0, "a"), (0, "b"), (1, "c"), (2, "d"))]
+    # four pooled images: fold 0 trained on the other two, folds 1 and 2 on three
+    assert compare_recipes.train_pairs({}, rows) == {0: 2, 1: 3, 2: 3}
+    assert compare_recipes.train_pairs({"checkpoints": {"0": {"train_pairs": 7}}}, rows) == {0: 7}
 
 
 def test_table_refuses_runs_that_cover_different_folds(tmp_path):

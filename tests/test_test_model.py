@@ -454,8 +454,15 @@ def test_outputs_go_beside_the_checkpoint_and_same_stems_never_collide(tmp_path,
     os.chdir(tmp_path)  # a ./Model here must stay untouched
     try:
         assert test_model.main(["--checkpoint", str(path), "--evaluate"]) == 0
-        summary = json.loads((run_dir / "evaluation" / "resnet18" / "test" / "summary.json").read_text())
+        summary = json.loads((run_dir / "evaluation" / "resnet18" / "test" / "summary.json")
+                             .read_text())
         assert summary["checkpoint"] == str(path) and summary["epoch"] == 1
+        # the result names what it scored: data, split and size, and the model's own data
+        assert summary["data"] == str(Path(root).resolve()) and summary["split"] == "test"
+        assert summary["split_size"] == len(splits["test"])
+        assert summary["models"] == [{"checkpoint": str(path), "encoder": "resnet18",
+                                      "image_size": list(NET_SIZE), "epoch": 1,
+                                      "trained_on": str(Path(root).resolve())}]
         assert summary["threshold"] == 0.5 and summary["images"] == len(splits["test"])
         assert not (tmp_path / "Model").exists()
 
@@ -578,5 +585,11 @@ def test_cross_validation_pools_the_out_of_fold_images(tmp_path, capsys):
             for f, c in last["checkpoints"].items()} == {
         "0": ("resnet18_fold0_last.pth", 2), "1": ("resnet18_fold1_last.pth", 2)}
     assert last["tta none, no post-processing"]["images"] == 18
+    # --checkpoint narrows the folds scored to the models it names
+    assert test_model.main(["--cross-validation", str(out), "--checkpoint",
+                            str(out / "resnet18_fold1.pth"), "--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert list(one["checkpoints"]) == ["1"]
+    assert one["tta none, no post-processing"]["images"] == 9
     with pytest.raises(SystemExit, match="--last goes with --cross-validation"):
         test_model.main(["--checkpoint", str(out), "--evaluate", "--last"])
