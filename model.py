@@ -354,3 +354,95 @@ def load_model(path, device, channels_last=False):
     if channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model, ckpt
+
+
+# ----------------------------------------------------------------------------- ONNX files
+
+ONNX_FORMAT = "melanoma-fpn-onnx"  # export_model.py's marker in the file's metadata
+ONNX_VERSION = 1
+# what test_model.py needs from an exported file's metadata
+ONNX_KEYS = ("format", "version", "encoder", "network_size", "interpolation", "mean", "std",
+             "threshold", "tta", "views", "recipe", "sources", "members", "opset")
+
+
+def onnx_metadata(path):
+    """The metadata of a file written by export_model.py; CheckpointError says what is wrong
+    with any other file (missing, not ONNX, or lacking the graph or metadata it needs)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no ONNX file at {path}: write one with `python export_model.py "
+                              f"--checkpoint MODEL.pth`")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable ONNX file "
+                              f"({exc.__class__.__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    lacks = [f"metadata '{k}'" for k in ONNX_KEYS if k not in meta]
+    inputs = {i.name: i.type.tensor_type for i in proto.graph.input}
+    outputs = {o.name for o in proto.graph.output}
+    if "image" not in inputs or inputs["image"].elem_type != onnx.TensorProto.UINT8 \
+            or len(inputs["image"].shape.dim) != 3:
+        lacks.append("an input 'image' of uint8 (height, width, 3)")
+    lacks += [f"an output '{name}'" for name in ("probability", "mask") if name not in outputs]
+    if lacks:
+        raise CheckpointError(f"{path} was not made by export_model.py: it lacks "
+                              f"{', '.join(lacks)}")
+    if meta["format"] != ONNX_FORMAT or not meta["version"].isdigit() \
+            or int(meta["version"]) > ONNX_VERSION:
+        raise CheckpointError(f"{path} has format {meta['format']!r} version "
+                              f"{meta['version']!r}; this code reads {ONNX_FORMAT!r} version "
+                              f"{ONNX_VERSION} or older")
+    return meta
+
+
+class OnnxPredictor:
+    """An exported file run by onnxruntime's CPU provider, with the interface of
+    test_model.Predictor. The graph does the resizing, views and mean itself: it is given each
+    image whole, as read by preprocess.read_image (grey, RGBA, 16-bit converted as for the
+    PyTorch path), and returns the probability map at that image's size."""
+
+    def __init__(self, path, tta="none"):
+        import json
+        import onnxruntime
+
+        meta = onnx_metadata(path)
+        if tta not in ("none", meta["tta"]):
+            raise SettingError(f"TTA={tta!r}: {path} holds the test-time views "
+                               f"{meta['tta']!r}; export again with `python export_model.py "
+                               f"--tta {tta}`")
+        self.path, self.meta, self.tta = Path(path), meta, meta["tta"]
+        records = json.loads(meta["members"])
+        self.ckpt = dict(records[0], threshold=float(meta["threshold"]))
+        self.members = [(None, record, self.path) for record in records]
+        self.settings = preprocess.InputSettings(
+            tuple(records[0]["image_size"]), records[0]["interpolation"],
+            tuple(records[0]["mean"]), tuple(records[0]["std"]))
+        self.device = torch.device("cpu")
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # no warnings about unused initializers on the console
+        self.session = onnxruntime.InferenceSession(str(path), options,
+                                                    providers=["CPUExecutionProvider"])
+
+    def name(self):
+        return f"{self.path.name} (onnxruntime)"
+
+    def runtime(self):
+        import onnxruntime
+        return (f"{self.path} runs through onnxruntime {onnxruntime.__version__} "
+                f"({', '.join(self.session.get_providers())}): resizing, views "
+                f"({self.tta}) and the mean over {len(self.members)} member(s) inside the graph")
+
+    def probability(self, image):
+        return self.session.run(["probability"], {"image": image})[0]
+
+    def image(self, image_path, exif=True, hw=None):
+        prob = self.probability(preprocess.read_image(image_path, exif=exif))
+        return prob if hw is None or prob.shape == tuple(hw) else \
+            preprocess.prob_to_original(prob, hw)
+
+    def batch(self, images, pairs):
+        """Each pair's image read whole (the loader's small tensors are not used)."""
+        return [self.probability(preprocess.read_image(p.image, exif=p.exif)) for p in pairs]
