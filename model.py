@@ -439,10 +439,17 @@ class OnnxPredictor:
         return self.session.run(["probability"], {"image": image})[0]
 
     def image(self, image_path, exif=True, hw=None):
-        prob = self.probability(preprocess.read_image(image_path, exif=exif))
-        return prob if hw is None or prob.shape == tuple(hw) else \
-            preprocess.prob_to_original(prob, hw)
+        """Probability map at the image's size as read (or at `hw`). A JPEG is decoded at the
+        reduced scale the PyTorch path decodes it at (preprocess.eval_input), so that the two
+        agree; the graph's map at that scale is then resized to the image's own size."""
+        image = preprocess.read_image(image_path, min_hw=self.settings.size_hw, exif=exif)
+        if hw is None:
+            info = preprocess.image_info(image_path)
+            hw = (info["height"], info["width"])
+            if not exif and info["orientation"] in (5, 6, 7, 8):
+                hw = hw[::-1]
+        return preprocess.prob_to_original(self.probability(image), hw)
 
     def batch(self, images, pairs):
-        """Each pair's image read whole (the loader's small tensors are not used)."""
-        return [self.probability(preprocess.read_image(p.image, exif=p.exif)) for p in pairs]
+        """Each pair's image read again (the loader's small tensors are not used)."""
+        return [self.image(p.image, p.exif) for p in pairs]

@@ -122,7 +122,12 @@ class Predictor:
 
 
 def load_predictor(paths, model_dir, device, tta="none"):
-    """A Predictor of the checkpoint files given (a folder: its best models), else the newest."""
+    """A Predictor of the checkpoint files given (a folder: its best models), else the newest.
+    An ONNX file of export_model.py runs through onnxruntime (model.OnnxPredictor)."""
+    if any(str(p).lower().endswith(".onnx") for p in paths or []):
+        if len(paths) > 1:
+            raise UsageError("an ONNX file holds its whole ensemble: give it alone")
+        return model_lib.OnnxPredictor(paths[0], tta)
     files = []
     for path in map(Path, paths or []):
         files += sorted(p for p in path.glob("*.pth") if not p.name.endswith("_last.pth")) \
@@ -614,7 +619,11 @@ def run(args):
     for _, member, path in predictor.members:
         print(f"checkpoint: {path} (FPN {member['encoder']}, epoch {member.get('epoch')}, valid "
               f"IoU {float(member.get('valid_iou') or 0):.4f})")
-    print(f"device: {device.type}; threshold {threshold:g}; test-time views: {args.tta}; "
+    if isinstance(predictor, model_lib.OnnxPredictor):
+        if args.threshold_analysis:
+            raise UsageError("--threshold-analysis needs the .pth checkpoint(s)")
+        print(predictor.runtime())
+    print(f"device: {device.type}; threshold {threshold:g}; test-time views: {predictor.tta}; "
           f"post-processing: {'largest region filled' if args.postprocess else 'none'}")
     if ckpt.get("demo"):
         print("note: this checkpoint was trained on generated demo data, not on real lesions")
