@@ -44,12 +44,13 @@ TTAS = ("none", "flips")  # views the graph can hold (rot90 would need a square 
 class Graph:
     """A few helpers around onnx.helper: each op() returns the name of a fresh output."""
 
-    def __init__(self):
-        self.nodes, self.inits, self.count = [], [], 0
+    def __init__(self, parent=None):
+        self.nodes, self.inits = [], []
+        self.counter = parent.counter if parent else [0]  # names unique across subgraphs
 
     def name(self, hint):
-        self.count += 1
-        return f"{hint}_{self.count}"
+        self.counter[0] += 1
+        return f"{hint}_{self.counter[0]}"
 
     def const(self, value, dtype=None, hint="c"):
         from onnx import numpy_helper
@@ -64,77 +65,77 @@ class Graph:
         return names[0] if outputs == 1 else names
 
 
-def taps(g, n, m, area, whole, hint):
-    """Gather indices (m, K) int64 and weights (m, K) float32 that resize an axis of length n
-    (a scalar int64 tensor, known only when the graph runs) to m, as cv2.resize does.
-
-    area: a bool scalar tensor. True: INTER_AREA for a shrink (cv2's resizeArea tables: each
-    output averages the input span [i*s, (i+1)*s), s = n/m, partial pixels under 1e-3
-    dropped). False: INTER_LINEAR (two taps at (i+0.5)*s - 0.5, clamped to the edges).
-    whole: a bool scalar tensor, true when both sides shrink by whole factors; cv2 then sums
-    the pixels and scales the sum once, so the weights here are 1 (resize_image scales).
-    Everything is computed in float64, as cv2 computes its tables."""
-    D, L = np.float64, np.int64
+def axis_scale(g, n, m):
+    """(n as float64, the source step s) of an axis of length n resized to m: cv2 computes
+    s as 1 / (m / n) in double precision, and so does the graph."""
     nf = g.op("Cast", n, to=11)
-    s = g.op("Div", nf, g.const(m, D))
+    return nf, g.op("Div", g.const(1.0, np.float64), g.op("Div", g.const(m, np.float64), nf))
+
+
+def area_taps(g, n, m, whole):
+    """Gather indices (m, K) int64 and weights (m, K) float32 of cv2's INTER_AREA shrink of an
+    axis of length n (a scalar int64 tensor, known only when the graph runs) to m.
+
+    As cv2's resizeArea tables: output i averages the input span [i*s, (i+1)*s), partial
+    pixels under 1e-3 dropped, K = ceil(s) + 1 taps. `whole` (a bool scalar): both sides
+    shrink by whole factors, where cv2 sums the pixels and scales the sum once; the weights
+    are then 1 and resize_image scales. The tables are computed in float64, as cv2's."""
+    D, L = np.float64, np.int64
+    nf, s = axis_scale(g, n, m)
     i = g.op("Cast", g.op("Range", g.const(0, L), g.const(m, L), g.const(1, L)), to=11)
     i = g.op("Unsqueeze", i, g.const([1], L))                                    # (m, 1)
-    k_area = g.op("Add", g.op("Cast", g.op("Ceil", s), to=7), g.const(1, L))
-    k = g.op("Where", area, k_area, g.const(2, L))
+    k = g.op("Add", g.op("Cast", g.op("Ceil", s), to=7), g.const(1, L))
     ks = g.op("Cast", g.op("Range", g.const(0, L), k, g.const(1, L)), to=11)
     ks = g.op("Unsqueeze", ks, g.const([0], L))                                  # (1, K)
-    # area: output i spans [a, b); input pixel j spans [j, j + 1)
-    a = g.op("Mul", i, s)
+    a = g.op("Mul", i, s)  # output i spans [a, b); input pixel j spans [j, j + 1)
     b = g.op("Add", a, s)
     j = g.op("Add", g.op("Floor", a), ks)                                        # (m, K)
     overlap = g.op("Sub", g.op("Min", b, g.op("Add", j, g.const(1.0, D))), g.op("Max", a, j))
     overlap = g.op("Where", g.op("Greater", overlap, g.const(1e-3, D)), overlap,
                    g.const(0.0, D))
     cell = g.op("Min", s, g.op("Sub", nf, a))  # the last cell may be cut by the border
-    w_area = g.op("Where", whole, overlap, g.op("Div", overlap, cell))
-    # linear: source position x = (i + 0.5) s - 0.5 in float32, as cv2 rounds it
-    x = g.op("Sub", g.op("Mul", g.op("Add", i, g.const(0.5, D)), s), g.const(0.5, D))
-    x = g.op("Cast", g.op("Cast", x, to=1), to=11)
+    weight = g.op("Where", whole, overlap, g.op("Div", overlap, cell))
+    last = g.op("Sub", nf, g.const(1.0, D))
+    index = g.op("Cast", g.op("Min", j, last), to=7)
+    return index, g.op("Cast", weight, to=1)
+
+
+def linear_taps(g, n, m, clamp):
+    """(first index, second index, first weight, second weight), each (m,) int64, of cv2's
+    INTER_LINEAR on uint8: source position (i + 0.5) s - 0.5 in float32, weights rounded to
+    11 bits (2048 = 1). Horizontally (`clamp`) cv2 pins positions outside to the edge pixel;
+    vertically it keeps the weights and clips the row indices."""
+    D, F, L = np.float64, np.float32, np.int64
+    nf, s = axis_scale(g, n, m)
+    i = g.op("Cast", g.op("Range", g.const(0, L), g.const(m, L), g.const(1, L)), to=11)
+    x = g.op("Cast", g.op("Sub", g.op("Mul", g.op("Add", i, g.const(0.5, D)), s),
+                          g.const(0.5, D)), to=1)
     x0 = g.op("Floor", x)
     frac = g.op("Sub", x, x0)
-    last = g.op("Sub", nf, g.const(1.0, D))
-    outside = g.op("Or", g.op("Less", x0, g.const(0.0, D)), g.op("GreaterOrEqual", x0, last))
-    frac = g.op("Where", outside, g.const(0.0, D), frac)
-    x0 = g.op("Min", g.op("Max", x0, g.const(0.0, D)), last)
-    w_lin = g.op("Where", g.op("Equal", ks, g.const(0.0, D)),
-                 g.op("Sub", g.const(1.0, D), frac),
-                 g.op("Where", g.op("Equal", ks, g.const(1.0, D)), frac, g.const(0.0, D)))
-    j_lin = g.op("Add", x0, ks)
-    index = g.op("Where", area, j, j_lin)
-    index = g.op("Cast", g.op("Min", g.op("Max", index, g.const(0.0, D)), last), to=7)
-    weight = g.op("Cast", g.op("Where", area, w_area, w_lin), to=1)
-    return index, weight
+    last = g.op("Sub", g.op("Cast", nf, to=1), g.const(1.0, F))
+    if clamp:
+        outside = g.op("Or", g.op("Less", x0, g.const(0.0, F)),
+                       g.op("GreaterOrEqual", x0, last))
+        frac = g.op("Where", outside, g.const(0.0, F), frac)
+    first = g.op("Min", g.op("Max", x0, g.const(0.0, F)), last)
+    second = g.op("Min", g.op("Max", g.op("Add", x0, g.const(1.0, F)), g.const(0.0, F)), last)
+    w0 = g.op("Round", g.op("Mul", g.op("Sub", g.const(1.0, F), frac), g.const(2048.0, F)))
+    w1 = g.op("Round", g.op("Mul", frac, g.const(2048.0, F)))
+    return [g.op("Cast", t, to=7) for t in (first, second, w0, w1)]
 
 
-def resize_image(g, image, size_hw, interpolation):
-    """uint8 (H, W, 3) -> float32 (h, w, 3) holding the uint8 values cv2.resize gives
-    (preprocess.resize_pair): area to shrink (both sides), else linear; rounded to integers."""
+def area_branch(g, image, H, W, size_hw):
+    """cv2's INTER_AREA shrink of uint8 (H, W, 3) to float32 (h, w, 3) integer values."""
     L = np.int64
-    shape = g.op("Shape", image)
-    H = g.op("Gather", shape, g.const(0, L), axis=0)
-    W = g.op("Gather", shape, g.const(1, L), axis=0)
     h, w = size_hw
-    if interpolation == "area":
-        area = g.op("And", g.op("GreaterOrEqual", H, g.const(h, L)),
-                    g.op("GreaterOrEqual", W, g.const(w, L)))
-    elif interpolation == "linear":
-        area = g.const(False, np.bool_)
-    else:
-        raise SettingError(f"interpolation {interpolation!r} has no ONNX form here")
     # whole factors on both sides: cv2's fast area path, sum * float32(1 / (sx * sy))
-    whole = g.op("And", area, g.op("And", g.op("Equal", g.op("Mod", W, g.const(w, L)),
-                                               g.const(0, L)),
-                                   g.op("Equal", g.op("Mod", H, g.const(h, L)), g.const(0, L))))
+    whole = g.op("And", g.op("Equal", g.op("Mod", W, g.const(w, L)), g.const(0, L)),
+                 g.op("Equal", g.op("Mod", H, g.const(h, L)), g.const(0, L)))
     cells = g.op("Mul", g.op("Div", W, g.const(w, L)), g.op("Div", H, g.const(h, L)))
     scale = g.op("Where", whole, g.op("Div", g.const(1.0, np.float32),
                                       g.op("Cast", cells, to=1)), g.const(1.0, np.float32))
-    ix, wx = taps(g, W, w, area, whole, "x")
-    iy, wy = taps(g, H, h, area, whole, "y")
+    ix, wx = area_taps(g, W, w, whole)
+    iy, wy = area_taps(g, H, h, whole)
     # width first, then height, as cv2 does: (H, w, Kx, 3) -> (H, w, 3) -> (h, Ky, w, 3) -> ...
     rows = g.op("Cast", g.op("Gather", image, ix, axis=1), to=1)
     rows = g.op("ReduceSum", g.op("Mul", rows, g.op("Unsqueeze", wx, g.const([0, 3], L))),
@@ -147,8 +148,64 @@ def resize_image(g, image, size_hw, interpolation):
     half_up = g.op("And", whole, g.op("Equal", cells, g.const(4, L)))
     small = g.op("Where", half_up, g.op("Floor", g.op("Add", small, g.const(0.5, np.float32))),
                  g.op("Round", small))
-    return g.op("Clip", small, g.const(0.0, np.float32),
-                g.const(255.0, np.float32))
+    return g.op("Clip", small, g.const(0.0, np.float32), g.const(255.0, np.float32))
+
+
+def linear_branch(g, image, H, W, size_hw):
+    """cv2's INTER_LINEAR of uint8 (H, W, 3) to float32 (h, w, 3), in its integer arithmetic:
+    a horizontal pass of 11-bit weights, then the vertical pass of its SIMD code,
+    ((row0 >> 4) * b0 >> 16) + ((row1 >> 4) * b1 >> 16), rounded by (t + 2) >> 2."""
+    L = np.int64
+    h, w = size_hw
+    x0, x1, a0, a1 = linear_taps(g, W, w, clamp=True)
+    y0, y1, b0, b1 = linear_taps(g, H, h, clamp=False)
+    pixels = g.op("Cast", image, to=7)
+    per_column = g.const([1], L)  # weights of shape (w, 1) against (H, w, 3)
+
+    def weighted(x, index, weight, axis, expand):
+        return g.op("Mul", g.op("Gather", x, index, axis=axis), g.op("Unsqueeze", weight,
+                                                                     expand))
+    row = g.op("Add", weighted(pixels, x0, a0, 1, per_column),
+               weighted(pixels, x1, a1, 1, per_column))                          # (H, w, 3)
+
+    def high(index, weight):  # (row >> 4) * b >> 16, values are never negative
+        top = g.op("Div", g.op("Gather", row, index, axis=0), g.const(16, L))
+        return g.op("Div", g.op("Mul", top, g.op("Unsqueeze", weight, g.const([1, 2], L))),
+                    g.const(65536, L))
+    t = g.op("Add", high(y0, b0), high(y1, b1))
+    small = g.op("Div", g.op("Add", t, g.const(2, L)), g.const(4, L))
+    return g.op("Cast", g.op("Clip", small, g.const(0, L), g.const(255, L)), to=1)
+
+
+def resize_image(g, image, size_hw, interpolation):
+    """uint8 (H, W, 3) -> float32 (h, w, 3) holding the uint8 values cv2.resize gives
+    (preprocess.resize_pair): area to shrink (both sides), else linear. An If node runs
+    only the branch the image's size calls for."""
+    from onnx import helper
+    L = np.int64
+    shape = g.op("Shape", image)
+    H = g.op("Gather", shape, g.const(0, L), axis=0)
+    W = g.op("Gather", shape, g.const(1, L), axis=0)
+    h, w = size_hw
+    if interpolation == "linear":
+        return linear_branch(g, image, H, W, size_hw)
+    if interpolation != "area":
+        raise SettingError(f"interpolation {interpolation!r} has no ONNX form here")
+    shrink = g.op("And", g.op("GreaterOrEqual", H, g.const(h, L)),
+                  g.op("GreaterOrEqual", W, g.const(w, L)))
+    branches = []
+    for make in (area_branch, linear_branch):
+        sub = Graph(g)
+        out = make(sub, image, H, W, size_hw)
+        branches.append(helper.make_graph(
+            sub.nodes, sub.name("branch"), [],
+            [helper.make_tensor_value_info(out, onnx_float(), [h, w, 3])], sub.inits))
+    return g.op("If", shrink, then_branch=branches[0], else_branch=branches[1])
+
+
+def onnx_float():
+    from onnx import TensorProto
+    return TensorProto.FLOAT
 
 
 def normalise(g, small, settings):

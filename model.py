@@ -420,6 +420,8 @@ class OnnxPredictor:
         self.settings = preprocess.InputSettings(
             tuple(records[0]["image_size"]), records[0]["interpolation"],
             tuple(records[0]["mean"]), tuple(records[0]["std"]))
+        # the decode scale must serve every member: the largest network side of each axis
+        self.decode_hw = tuple(max(r["image_size"][i] for r in records) for i in (0, 1))
         self.device = torch.device("cpu")
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # no warnings about unused initializers on the console
@@ -441,8 +443,9 @@ class OnnxPredictor:
     def image(self, image_path, exif=True, hw=None):
         """Probability map at the image's size as read (or at `hw`). A JPEG is decoded at the
         reduced scale the PyTorch path decodes it at (preprocess.eval_input), so that the two
-        agree; the graph's map at that scale is then resized to the image's own size."""
-        image = preprocess.read_image(image_path, min_hw=self.settings.size_hw, exif=exif)
+        agree (for an ensemble of several sizes, the scale its largest member needs); the
+        graph's map at that scale is then resized to the image's own size."""
+        image = preprocess.read_image(image_path, min_hw=self.decode_hw, exif=exif)
         if hw is None:
             info = preprocess.image_info(image_path)
             hw = (info["height"], info["width"])
