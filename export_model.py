@@ -249,10 +249,18 @@ def member_probability(g, net, settings, image, tta, prefix):
     return g.op("ReduceMean", probs, g.const([0, 1], np.int64), keepdims=0)
 
 
-def resize_back(g, prob, image):
-    """(h, w) -> (H, W) of the image: cv2.resize INTER_LINEAR (preprocess.prob_to_original)."""
+def output_hw(g, image):
+    """(2,) int64: the image's (H, W), or the optional input `output_size` where it is set.
+    test_model.py sets it when it decodes a JPEG at a reduced scale, so that the map goes
+    from the network size straight to the original size, as on the PyTorch path."""
     L = np.int64
     hw = g.op("Slice", g.op("Shape", image), g.const([0], L), g.const([2], L))
+    return g.op("Where", g.op("Greater", "output_size", g.const(0, L)), "output_size", hw)
+
+
+def resize_back(g, prob, hw):
+    """(h, w) -> (H, W): cv2.resize INTER_LINEAR (preprocess.prob_to_original)."""
+    L = np.int64
     x = g.op("Unsqueeze", prob, g.const([0, 1], L))
     sizes = g.op("Concat", g.const([1, 1], L), hw, axis=0)
     big = g.op("Resize", x, "", "", sizes, mode="linear",
@@ -314,10 +322,10 @@ def build(members, tta="none", threshold=None):
         proto = export_network(net.cpu(), settings.size_hw)
         prob = member_probability(g, proto, settings, image, tta, f"m{index}_")
         groups.setdefault(settings, []).append(prob)
-    total = None
+    total, hw = None, output_hw(g, image)
     for probs in groups.values():
         mean = probs[0] if len(probs) == 1 else g.op("Mean", *probs)
-        big = resize_back(g, mean, image)
+        big = resize_back(g, mean, hw)
         part = g.op("Mul", big, g.const(np.float32(len(probs) / len(members))))
         total = part if total is None else g.op("Add", total, part)
     g.nodes.append(helper.make_node("Identity", [total], ["probability"]))
@@ -326,10 +334,12 @@ def build(members, tta="none", threshold=None):
                                               g.const(np.uint8(0))], ["mask"]))
     graph = helper.make_graph(
         g.nodes, "melanoma_fpn",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["height", "width", 3])],
-        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["height", "width"]),
-         helper.make_tensor_value_info("mask", TensorProto.UINT8, ["height", "width"])],
-        g.inits)
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["height", "width", 3]),
+         helper.make_tensor_value_info("output_size", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT,
+                                       ["out_height", "out_width"]),
+         helper.make_tensor_value_info("mask", TensorProto.UINT8, ["out_height", "out_width"])],
+        g.inits + [onnx.numpy_helper.from_array(np.zeros(2, np.int64), "output_size")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="export_model.py")
     proto.ir_version = 10  # onnxruntime >= 1.20 reads it
@@ -354,7 +364,8 @@ def metadata_of(records, tta, threshold):
                              else [r["recipe"] for r in records]),
         "sources": json.dumps([{"file": r["file"], "sha256": r["sha256"]} for r in records]),
         "members": json.dumps(records), "opset": str(OPSET),
-        "input": "image: uint8 (height, width, 3) RGB",
+        "input": "image: uint8 (height, width, 3) RGB; optional output_size: int64 (2,), "
+                 "the (height, width) of the outputs when not the image's own",
         "outputs": "probability: float32 (height, width); mask: uint8 (height, width) 0/255",
     }
 

@@ -7,6 +7,7 @@ import threading
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import preprocess
@@ -437,21 +438,26 @@ class OnnxPredictor:
                 f"({', '.join(self.session.get_providers())}): resizing, views "
                 f"({self.tta}) and the mean over {len(self.members)} member(s) inside the graph")
 
-    def probability(self, image):
-        return self.session.run(["probability"], {"image": image})[0]
+    def probability(self, image, hw=None):
+        """(H, W) float32 map of a uint8 (H, W, 3) image, or at `hw` (the graph resizes the
+        network-size map straight to it)."""
+        feed = {"image": image}
+        if hw is not None and tuple(hw) != image.shape[:2]:
+            feed["output_size"] = np.array(hw, np.int64)
+        return self.session.run(["probability"], feed)[0]
 
     def image(self, image_path, exif=True, hw=None):
         """Probability map at the image's size as read (or at `hw`). A JPEG is decoded at the
         reduced scale the PyTorch path decodes it at (preprocess.eval_input), so that the two
         agree (for an ensemble of several sizes, the scale its largest member needs); the
-        graph's map at that scale is then resized to the image's own size."""
+        graph is told the image's own size for its outputs."""
         image = preprocess.read_image(image_path, min_hw=self.decode_hw, exif=exif)
         if hw is None:
             info = preprocess.image_info(image_path)
             hw = (info["height"], info["width"])
             if not exif and info["orientation"] in (5, 6, 7, 8):
                 hw = hw[::-1]
-        return preprocess.prob_to_original(self.probability(image), hw)
+        return self.probability(image, hw)
 
     def batch(self, images, pairs):
         """Each pair's image read again (the loader's small tensors are not used)."""
