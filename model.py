@@ -399,6 +399,18 @@ def onnx_metadata(path):
     return meta
 
 
+def onnx_session(path, threads=None):
+    """An onnxruntime CPU session of an exported file with as many threads as torch uses
+    (OMP_NUM_THREADS, which onnxruntime itself ignores); its warnings hidden, among them the
+    note that the optional input output_size can be overridden, as it is meant to be."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxPredictor:
     """An exported file run by onnxruntime's CPU provider, with the interface of
     test_model.Predictor. The graph does the resizing, views and mean itself: it is given each
@@ -407,7 +419,6 @@ class OnnxPredictor:
 
     def __init__(self, path, tta="none"):
         import json
-        import onnxruntime
 
         meta = onnx_metadata(path)
         if tta not in ("none", meta["tta"]):
@@ -424,10 +435,7 @@ class OnnxPredictor:
         # the decode scale must serve every member: the largest network side of each axis
         self.decode_hw = tuple(max(r["image_size"][i] for r in records) for i in (0, 1))
         self.device = torch.device("cpu")
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # no warnings about unused initializers on the console
-        self.session = onnxruntime.InferenceSession(str(path), options,
-                                                    providers=["CPUExecutionProvider"])
+        self.session = onnx_session(path)
 
     def name(self):
         return f"{self.path.name} (onnxruntime)"

@@ -1,7 +1,6 @@
 """export_model.py: the ONNX graph against the PyTorch path of the same checkpoint(s), on real
 fixture pairs, on generated images of sizes unlike the traced one, and through test_model.py;
 its metadata; one-line refusals; the README's example. Tiny models trained on the CPU."""
-import csv
 import hashlib
 import json
 import re
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
@@ -68,7 +66,7 @@ def members(paths):
 
 
 def session(path):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return model_lib.onnx_session(path)
 
 
 def cases(trained, mixed=True):
@@ -191,13 +189,12 @@ def test_evaluate_with_an_onnx_file_reports_the_pytorch_scores(trained, tmp_path
         assert 0.3 < a["iou"] < 1  # a trained model: its masks are neither empty nor full
         gaps = {k: abs(a[k] - b[k]) for k in ("iou", "dice", "threshold_jaccard",
                                                "sensitivity", "specificity", "accuracy")}
-        with capsys.disabled():
-            print(f"{name}: --evaluate summaries differ by at most {max(gaps.values()):.1e}, "
-                  f"masks in at most {compare_masks(masks_of(tmp_path / f'{name}_pth' / 'masks'), masks_of(tmp_path / f'{name}_onnx' / 'masks')):.4%} of the pixels")
-        assert max(gaps.values()) <= 1e-3
         share = compare_masks(masks_of(tmp_path / f"{name}_pth" / "masks"),
                               masks_of(tmp_path / f"{name}_onnx" / "masks"))
-        assert share <= MASK_TOLERANCE
+        with capsys.disabled():
+            print(f"{name}: --evaluate summaries differ by at most {max(gaps.values()):.1e}, "
+                  f"masks in at most {share:.4%} of the pixels")
+        assert max(gaps.values()) <= 1e-3 and share <= MASK_TOLERANCE
 
 
 def test_views_the_file_does_not_hold_are_refused(trained, tmp_path):
@@ -273,3 +270,43 @@ def test_readme_example_runs_as_written(trained, tmp_path):
     expected = session(trained["single"]).run(
         None, {"image": preprocess.read_image(tmp_path / "lesion.jpg")})[1]
     assert written.shape == (256, 256) and np.array_equal(written, expected)
+
+
+# ----------------------------------------------------------------------------- the resize
+
+def resize_graph(size_hw, interpolation):
+    from onnx import TensorProto, helper
+    g = export_model.Graph()
+    out = export_model.resize_image(g, "image", size_hw, interpolation)
+    g.nodes.append(helper.make_node("Identity", [out], ["small"]))
+    graph = helper.make_graph(
+        g.nodes, "resize", [helper.make_tensor_value_info("image", TensorProto.UINT8,
+                                                          ["h", "w", 3])],
+        [helper.make_tensor_value_info("small", TensorProto.FLOAT, [*size_hw, 3])], g.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("",
+                                                                        export_model.OPSET)])
+    proto.ir_version = 10
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+@pytest.mark.parametrize("size_hw, interpolation", [((64, 64), "area"), ((96, 64), "area"),
+                                                    ((64, 64), "linear")])
+def test_graph_resize_is_cv2s(size_hw, interpolation):
+    """Whole shrink factors and enlargements equal preprocess.resize_pair bit for bit; other
+    shrinks sum in another order than cv2, which moves a value that lies on .5 by one level."""
+    import onnxruntime
+    proto = resize_graph(size_hw, interpolation)
+    run = onnxruntime.InferenceSession(proto.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for hw in [(128, 128), (192, 128), (576, 768), (40, 50), (33, 90), (200, 300), (97, 131)]:
+        image = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+        got = run.run(None, {"image": image})[0]
+        expected = preprocess.resize_pair(image, None, size_hw, interpolation)[0]
+        off = np.abs(got - expected.astype(np.float32))
+        whole = hw[0] % size_hw[0] == 0 and hw[1] % size_hw[1] == 0
+        if whole or interpolation == "linear" or hw[0] < size_hw[0] or hw[1] < size_hw[1]:
+            assert off.max() == 0, hw
+        else:
+            assert off.max() <= 1 and np.mean(off > 0) < 0.01, hw
