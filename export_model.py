@@ -482,6 +482,8 @@ def export(args):
     proto = build(members, args.tta, args.threshold)
     onnx.checker.check_model(proto, full_check=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        print(f"note: replacing {out}")
     with preprocess.atomic_write(out) as tmp:
         onnx.save_model(proto, str(tmp))
     session = model_lib.onnx_session(out)
