@@ -30,8 +30,9 @@ import model as model_lib  # noqa: E402
 import pipeline  # noqa: E402  (its JPEG generator)
 import preprocess  # noqa: E402
 import test_model  # noqa: E402
-import train_model  # noqa: E402  (the default encoder and network size)
 
+ENCODER = "se_resnext50_32x4d"  # train_model.py's default encoder ...
+IMAGE_SIZE = (320, 320)  # ... and network size (height, width)
 SIZES = [(1024, 768), (2048, 1536), (3008, 2000), (4000, 3000)]  # (width, height) JPEGs
 ROUNDS = 5  # each round times every image once with each runtime
 SEED = 0  # of the generated images and the untrained network
@@ -109,8 +110,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", nargs="+", default=None,
                    help="checkpoint(s) to export and time; default: an untrained --encoder")
-    p.add_argument("--encoder", default=train_model.ENCODER)
-    p.add_argument("--image-size", type=int, nargs=2, default=train_model.IMAGE_SIZE,
+    p.add_argument("--encoder", default=ENCODER)
+    p.add_argument("--image-size", type=int, nargs=2, default=IMAGE_SIZE,
                    metavar=("H", "W"))
     p.add_argument("--tta", default="none", choices=export_model.TTAS)
     p.add_argument("--rounds", type=int, default=ROUNDS)
