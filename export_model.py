@@ -473,6 +473,9 @@ def parse_args(argv=None):
 def export(args):
     import onnx
 
+    if any(str(p).lower().endswith(".onnx") for p in args.checkpoint or []):
+        raise test_model.UsageError("--checkpoint takes the .pth checkpoint(s) an ONNX file "
+                                    "is exported from; --info FILE.onnx shows an exported one")
     predictor = test_model.load_predictor(args.checkpoint, args.model_dir,
                                           torch.device("cpu"))
     members = predictor.members
