@@ -1,5 +1,6 @@
 """What training and inference share: building the FPN, encoder weights (hub or a local file),
-the checkpoint format, the device, and the mixed-precision / channels_last context."""
+the checkpoint format, the device, and the mixed-precision / channels_last context; and the
+format of the ONNX files export_model.py writes, run through onnxruntime."""
 import math
 import os
 import socket
@@ -414,8 +415,9 @@ def onnx_session(path, threads=None):
 class OnnxPredictor:
     """An exported file run by onnxruntime's CPU provider, with the interface of
     test_model.Predictor. The graph does the resizing, views and mean itself: it is given each
-    image whole, as read by preprocess.read_image (grey, RGBA, 16-bit converted as for the
-    PyTorch path), and returns the probability map at that image's size."""
+    image as preprocess.read_image decodes it for the PyTorch path (a JPEG at reduced scale;
+    grey, RGBA and 16-bit images converted alike) and returns the probability map at the
+    image's own size."""
 
     def __init__(self, path, tta="none"):
         import json
