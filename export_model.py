@@ -127,9 +127,9 @@ def linear_taps(g, n, m, clamp):
 def area_rows(g, image, H, h, whole):
     """The height half of cv2's INTER_AREA, (H, W, 3) uint8 -> (h, W, 3) float32, from
     running sums: output row i is the sum of the whole rows in its span [i*s, (i+1)*s) (the
-    difference of two int32 cumulative sums, exact) over the cell, plus the partial rows at
-    either end by their share (cv2's tables: shares under 1e-3 dropped). One pass over the
-    image, where gathered taps would make a copy of it K times over."""
+    difference of two int32 running sums, exact) over the cell, plus the partial rows at
+    either end by their share (cv2's tables: shares under 1e-3 dropped). About one pass over
+    the image, where gathered taps would make a copy of it K times over."""
     D, L = np.float64, np.int64
     nf, s = axis_scale(g, H, h)
     i = g.op("Cast", g.op("Range", g.const(0, L), g.const(h, L), g.const(1, L)), to=11)
@@ -153,12 +153,32 @@ def area_rows(g, image, H, h, whole):
     def by(x, weight):  # rows times a float32 weight per row
         return g.op("Mul", g.op("Cast", x, to=1),
                     g.op("Unsqueeze", g.op("Cast", weight, to=1), g.const([1, 2], L)))
-    sums = g.op("CumSum", g.op("Cast", image, to=6), g.const(0, L))  # rows 0..r, int32
-    upto_end = rows_at(sums, g.op("Sub", end, g.const(1.0, D)))
-    before = g.op("Mul", rows_at(sums, g.op("Sub", first, g.const(1.0, D))),
-                  g.op("Unsqueeze", g.op("Cast", g.op("Greater", first, g.const(0.0, D)),
-                                         to=6), g.const([1, 2], L)))
-    whole_rows = by(g.op("Sub", upto_end, before), w_whole)
+    def where_positive(x, value):  # rows of x kept where value > 0, else 0 (int32)
+        keep = g.op("Cast", g.op("Greater", value, g.const(0.0, D)), to=6)
+        return g.op("Mul", x, g.op("Unsqueeze", keep, g.const([1, 2], L)))
+    # pairs of rows summed on uint8 by a 2x1 integer convolution (int32 out): the running
+    # sum then covers half the rows, and a cast of the whole image is never made
+    flat = g.op("Reshape", image, g.op("Concat", g.const([1, 1], L),
+                                       g.op("Unsqueeze", H, g.const([0], L)),
+                                       g.const([-1], L), axis=0))
+    pairs = g.op("ConvInteger", flat, g.const(np.ones((1, 1, 2, 1), np.uint8)),
+                 kernel_shape=[2, 1], strides=[2, 1])
+    pairs = g.op("Reshape", pairs, g.op("Concat", g.const([-1], L),
+                                        g.op("Slice", g.op("Shape", image), g.const([1], L),
+                                             g.const([3], L)), axis=0))
+    sums = g.op("CumSum", pairs, g.const(0, L))  # sums[q]: rows 0 .. 2q + 1
+    nf_pairs = g.op("Cast", g.op("Div", H, g.const(2, L)), to=11)
+
+    def rows_before(j):  # sum of rows 0 .. j - 1, int32 (h, W, 3), j float64 (h,)
+        q = g.op("Floor", g.op("Div", j, g.const(2.0, D)))
+        index = g.op("Min", g.op("Max", g.op("Sub", q, g.const(1.0, D)), g.const(0.0, D)),
+                     g.op("Sub", nf_pairs, g.const(1.0, D)))
+        done = where_positive(g.op("Gather", sums, g.op("Cast", index, to=7), axis=0), q)
+        odd = g.op("Sub", j, g.op("Mul", q, g.const(2.0, D)))  # row 2q when j is odd
+        extra = where_positive(g.op("Cast", rows_at(image, g.op("Mul", q, g.const(2.0, D))),
+                                    to=6), odd)
+        return g.op("Add", done, extra)
+    whole_rows = by(g.op("Sub", rows_before(end), rows_before(first)), w_whole)
     left = by(rows_at(image, g.op("Sub", first, g.const(1.0, D))), w_left)
     right = by(rows_at(image, end), w_right)
     return g.op("Add", g.op("Add", whole_rows, left), right)
@@ -175,11 +195,12 @@ def area_branch(g, image, H, W, size_hw):
     scale = g.op("Where", whole, g.op("Div", g.const(1.0, np.float32),
                                       g.op("Cast", cells, to=1)), g.const(1.0, np.float32))
     rows = area_rows(g, image, H, h, whole)                                      # (h, W, 3)
+    # channels ahead of the columns, so that the taps and their weights are the last axes
+    rows = g.op("Transpose", rows, perm=[0, 2, 1])                               # (h, 3, W)
     ix, wx = area_taps(g, W, w, whole)
-    cols = g.op("Gather", rows, ix, axis=1)                                      # (h, w, K, 3)
-    small = g.op("ReduceSum", g.op("Mul", cols, g.op("Unsqueeze", wx, g.const([0, 3], L))),
-                 g.const([2], L), keepdims=0)
-    small = g.op("Mul", small, scale)
+    cols = g.op("Gather", rows, ix, axis=2)                                      # (h, 3, w, K)
+    small = g.op("ReduceSum", g.op("Mul", cols, wx), g.const([3], L), keepdims=0)
+    small = g.op("Mul", g.op("Transpose", small, perm=[0, 2, 1]), scale)         # (h, w, 3)
     # cv2 rounds half to even (Round), except its 2x2 fast path: (sum + 2) >> 2, half up
     half_up = g.op("And", whole, g.op("Equal", cells, g.const(4, L)))
     small = g.op("Where", half_up, g.op("Floor", g.op("Add", small, g.const(0.5, np.float32))),
@@ -364,7 +385,7 @@ def build(members, tta="none", threshold=None):
         big = resize_back(g, mean, hw)
         part = g.op("Mul", big, g.const(np.float32(len(probs) / len(members))))
         total = part if total is None else g.op("Add", total, part)
-    g.nodes.append(helper.make_node("Identity", [total], ["probability"]))
+    next(n for n in g.nodes if total in n.output).output[:] = ["probability"]  # no copy
     lesion = g.op("GreaterOrEqual", "probability", g.const(np.float32(threshold)))
     g.nodes.append(helper.make_node("Where", [lesion, g.const(np.uint8(255)),
                                               g.const(np.uint8(0))], ["mask"]))
