@@ -310,3 +310,20 @@ def test_graph_resize_is_cv2s(size_hw, interpolation):
             assert off.max() == 0, hw
         else:
             assert off.max() <= 1 and np.mean(off > 0) < 0.01, hw
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+def test_benchmark_report_gives_images_per_second_and_the_ratio():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import onnx_speed
+    images = [np.zeros((2, 3, 3), np.uint8), np.zeros((4, 5, 3), np.uint8)]
+    seconds = {"pytorch": np.array([[1.0, 1.0], [2.0, 2.0], [1.0, 3.0]]),
+               "onnxruntime": np.array([[0.5, 0.5], [0.5, 0.5], [1.0, 1.0]])}
+    lines, ratio = onnx_speed.report(seconds, images, ["header"])
+    # rounds: PyTorch 1.0, 0.5, 0.5 images/s; onnxruntime 2.0, 2.0, 1.0; ratios 2, 4, 2
+    assert ratio == 2.0
+    assert "  PyTorch      0.50 (0.50 to 1.00)" in lines
+    assert "  onnxruntime  2.00 (1.00 to 2.00)" in lines
+    assert "  ratio onnxruntime / PyTorch  2.00 (2.00 to 4.00)" in lines
+    assert "  5x4  2.000 s  0.500 s  4.00x" in lines  # medians of 1, 2, 3 and .5, .5, 1
