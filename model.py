@@ -1,7 +1,8 @@
 """What training, inference and the benchmarks share: building the FPN, encoder weights (hub
 or a local file), the checkpoint format and the names of a run's files, the device, the
-mixed-precision / channels_last context, the processes under torchrun, and the one training
-step and validation that train_model.py runs and the benchmarks time."""
+mixed-precision / channels_last context, the processes under torchrun, the one training
+step and validation that train_model.py runs and the benchmarks time, and the format of the
+ONNX files export_model.py writes, run through onnxruntime."""
 import hashlib
 import math
 import os
@@ -12,6 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -573,3 +575,127 @@ def validate(trainer, loader, threads=2):
                                      sum(n for _, n in losses))
     result["loss"] = total / seen if seen else float("nan")
     return result
+# ----------------------------------------------------------------------------- ONNX files
+
+ONNX_FORMAT = "melanoma-fpn-onnx"  # export_model.py's marker in the file's metadata
+ONNX_VERSION = 1
+# what test_model.py needs from an exported file's metadata
+ONNX_KEYS = ("format", "version", "encoder", "network_size", "interpolation", "mean", "std",
+             "threshold", "tta", "views", "recipe", "sources", "members", "opset")
+
+
+def onnx_metadata(path):
+    """The metadata of a file written by export_model.py; CheckpointError says what is wrong
+    with any other file (missing, not ONNX, or lacking the graph or metadata it needs)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no ONNX file at {path}: write one with `python export_model.py "
+                              f"--checkpoint MODEL.pth`")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable ONNX file "
+                              f"({exc.__class__.__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    lacks = [f"metadata '{k}'" for k in ONNX_KEYS if k not in meta]
+    inputs = {i.name: i.type.tensor_type for i in proto.graph.input}
+    outputs = {o.name for o in proto.graph.output}
+    if "image" not in inputs or inputs["image"].elem_type != onnx.TensorProto.UINT8 \
+            or len(inputs["image"].shape.dim) != 3:
+        lacks.append("an input 'image' of uint8 (height, width, 3)")
+    lacks += [f"an output '{name}'" for name in ("probability", "mask") if name not in outputs]
+    if lacks:
+        raise CheckpointError(f"{path} was not made by export_model.py: it lacks "
+                              f"{', '.join(lacks)}")
+    if meta["format"] != ONNX_FORMAT or not meta["version"].isdigit() \
+            or int(meta["version"]) > ONNX_VERSION:
+        raise CheckpointError(f"{path} has format {meta['format']!r} version "
+                              f"{meta['version']!r}; this code reads {ONNX_FORMAT!r} version "
+                              f"{ONNX_VERSION} or older")
+    return meta
+
+
+def onnx_session(path, threads=None):
+    """An onnxruntime CPU session of an exported file with as many threads as torch uses
+    (OMP_NUM_THREADS, which onnxruntime itself ignores); its warnings hidden, among them the
+    note that the optional input output_size can be overridden, as it is meant to be."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxPredictor:
+    """An exported file run by onnxruntime's CPU provider, with the interface of
+    test_model.Predictor. The graph does the resizing, views and mean itself: it is given each
+    image as preprocess.read_image decodes it for the PyTorch path (a JPEG at reduced scale;
+    grey, RGBA and 16-bit images converted alike) and returns the probability map at the
+    image's own size."""
+
+    def __init__(self, path, tta="none"):
+        import json
+
+        meta = onnx_metadata(path)
+        if tta not in ("none", meta["tta"]):
+            raise SettingError(f"TTA={tta!r}: {path} holds the test-time views "
+                               f"{meta['tta']!r}; export again with `python export_model.py "
+                               f"--tta {tta}`")
+        self.path, self.meta, self.tta = Path(path), meta, meta["tta"]
+        records = json.loads(meta["members"])
+        self.ckpt = dict(records[0], threshold=float(meta["threshold"]))
+        self.members = [(None, record, self.path) for record in records]
+        self.settings = preprocess.InputSettings(
+            tuple(records[0]["image_size"]), records[0]["interpolation"],
+            tuple(records[0]["mean"]), tuple(records[0]["std"]))
+        # the decode scale must serve every member: the largest network side of each axis
+        self.decode_hw = tuple(max(r["image_size"][i] for r in records) for i in (0, 1))
+        self.device = torch.device("cpu")
+        self.session = onnx_session(path)
+
+    why = "given by --checkpoint"  # how the file was chosen, for the console
+
+    def name(self):
+        return f"{self.path.name} (onnxruntime)"
+
+    def describe(self):
+        """What a result names beside its scores (as test_model.Predictor.describe)."""
+        return {"models": [{"checkpoint": str(self.path), "encoder": r.get("encoder"),
+                            "image_size": list(r.get("image_size", [])),
+                            "epoch": r.get("epoch"), "trained_on": r.get("data_dir"),
+                            "exported_from": r.get("file")} for r in
+                           (record for _, record, _ in self.members)]}
+
+    def runtime(self):
+        import onnxruntime
+        return (f"{self.path} runs through onnxruntime {onnxruntime.__version__} "
+                f"({', '.join(self.session.get_providers())}): resizing, views "
+                f"({self.tta}) and the mean over {len(self.members)} member(s) inside the graph")
+
+    def probability(self, image, hw=None):
+        """(H, W) float32 map of a uint8 (H, W, 3) image, or at `hw` (the graph resizes the
+        network-size map straight to it)."""
+        feed = {"image": image}
+        if hw is not None and tuple(hw) != image.shape[:2]:
+            feed["output_size"] = np.array(hw, np.int64)
+        return self.session.run(["probability"], feed)[0]
+
+    def image(self, image_path, exif=True, hw=None):
+        """Probability map at the image's size as read (or at `hw`). A JPEG is decoded at the
+        reduced scale the PyTorch path decodes it at (preprocess.eval_input), so that the two
+        agree (for an ensemble of several sizes, the scale its largest member needs); the
+        graph is told the image's own size for its outputs."""
+        image = preprocess.read_image(image_path, min_hw=self.decode_hw, exif=exif)
+        if hw is None:
+            info = preprocess.image_info(image_path)
+            hw = (info["height"], info["width"])
+            if not exif and info["orientation"] in (5, 6, 7, 8):
+                hw = hw[::-1]
+        return self.probability(image, hw)
+
+    def batch(self, images, pairs):
+        """Each pair's image read again (the loader's small tensors are not used)."""
+        return [self.image(p.image, p.exif) for p in pairs]

@@ -139,7 +139,12 @@ class Predictor:
 
 
 def load_predictor(paths, model_dir, device, tta="none"):
-    """A Predictor of the checkpoint files given (a folder: its best models), else the newest."""
+    """A Predictor of the checkpoint files given (a folder: its best models), else the newest.
+    An ONNX file of export_model.py runs through onnxruntime (model.OnnxPredictor)."""
+    if any(str(p).lower().endswith(".onnx") for p in paths or []):
+        if len(paths) > 1:
+            raise UsageError("an ONNX file holds its whole ensemble: give it alone")
+        return model_lib.OnnxPredictor(paths[0], tta)
     files = []
     for path in map(Path, paths or []):
         files += model_lib.best_models(path) if path.is_dir() else [path]
@@ -399,6 +404,10 @@ def confidence_maps(predictor, images, pairs):
     views, whatever test-time views the prediction itself uses."""
     cuda = predictor.device.type == "cuda"
     size = tuple(predictor.settings.size_hw)
+    if isinstance(predictor, model_lib.OnnxPredictor):  # the graph's own output, as one view
+        maps = [cv2.resize(predictor.image(p.image, p.exif), size[::-1],
+                           interpolation=cv2.INTER_AREA) for p in pairs]
+        return np.stack([[m] * 4 for m in maps])
     per_member = []
     for model, ckpt, _ in predictor.members:
         settings = model_lib.input_settings(ckpt)
@@ -810,7 +819,11 @@ def run(args):
         print(f"checkpoint: {path} ({predictor.why}; FPN {member['encoder']} at {size}, epoch "
               f"{member.get('epoch')}, valid IoU {float(member.get('valid_iou') or 0):.4f}, "
               f"trained on {member.get('data_dir')})")
-    print(f"device: {device.type}; threshold {threshold:g}; test-time views: {args.tta}; "
+    if isinstance(predictor, model_lib.OnnxPredictor):
+        if args.threshold_analysis or args.calibrate:
+            raise UsageError("--threshold-analysis and --calibrate need the .pth checkpoint(s)")
+        print(predictor.runtime())
+    print(f"device: {device.type}; threshold {threshold:g}; test-time views: {predictor.tta}; "
           f"post-processing: {'largest region filled' if args.postprocess else 'none'}")
     if ckpt.get("demo"):
         print("note: this checkpoint was trained on generated demo data, not on real lesions")
