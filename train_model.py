@@ -40,8 +40,9 @@ SEED = 42                          # one seed for the split, the model's start a
 WORKERS = min(8, max(1, (os.cpu_count() or 1) - 1))  # loader processes; one core left to the model
 DEVICE = "auto"                    # "auto" (CUDA when present), "cuda" or "cpu"
 CACHE = True                       # decode and resize each image once, then read the small copy
-MIXED_PRECISION = True             # bfloat16 (or float16) autocast, on CUDA only
-CHANNELS_LAST = True               # channels_last memory format, on CUDA only
+MIXED_PRECISION = True             # bfloat16 (or float16) autocast on CUDA; bfloat16 on CPUs
+                                   #   with native bf16 (AVX-512 BF16, AMX); else float32
+CHANNELS_LAST = True               # channels_last memory format, on CUDA and under CPU bfloat16
 CUDNN_BENCHMARK = True             # let cuDNN pick the fastest kernels for the fixed input size
 DETERMINISTIC = False              # CUDA only: deterministic kernels, runs repeat bit for bit
                                    #   (slower; turns CUDNN_BENCHMARK off)
@@ -466,8 +467,11 @@ def setup_device(args):
     """The device, and what runs on it: (device, mixed precision?, channels_last?)."""
     device = model_lib.pick_device(args.device)
     if device.type == "cpu":
-        print("device: CPU (no CUDA device in use; training is far slower than on a GPU)")
-        return device, False, False
+        mixed = model_lib.autocast_dtype(device, MIXED_PRECISION) is not None
+        channels_last = model_lib.use_channels_last(device, CHANNELS_LAST, mixed)
+        print(f"device: CPU (no CUDA device in use; training is far slower than on a GPU), "
+              f"{model_lib.precision_line(device, MIXED_PRECISION, CHANNELS_LAST)}")
+        return device, mixed, channels_last
     if world_size() > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     print(f"device: {torch.cuda.get_device_name()}")
@@ -555,8 +559,9 @@ def start_training(args, paths, device, mixed):
     else:
         model = model_lib.model_from_checkpoint(state, paths["last"])
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scaler = torch.amp.GradScaler("cuda") if mixed and not torch.cuda.is_bf16_supported() \
-        else None
+    # float16 needs the loss scaled; bfloat16 (CUDA or CPU) has float32's range
+    scaler = torch.amp.GradScaler("cuda") \
+        if model_lib.autocast_dtype(device, mixed) == torch.float16 else None
     progress = {"start": 1, "best_iou": -1.0, "rows": [], "iter_log": []}
     if state is not None:
         optimizer.load_state_dict(state["optimizer_state"])
