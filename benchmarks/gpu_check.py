@@ -83,7 +83,7 @@ def setup(args):
 
 def training_rate(encoder, batches, steps, warmup, device, mixed, channels_last):
     """Images/s of the training step over batches already on the device; peak GPU memory (MB)."""
-    model, optimizer, loss_fn = new_training(encoder)
+    model, optimizer, loss_fn = new_training(encoder, device=device)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -141,12 +141,12 @@ def sync(device):
 
 # ----------------------------------------------------------------------------- training step
 
-def new_training(encoder, seed=0):
-    """(model, Adam, the training loss) built as train_model builds them, no pretrained weights."""
+def new_training(encoder, seed=0, device=CPU):
+    """(model, optimiser, the training loss) built as train_model builds them, no pretrained
+    weights; the model is moved to `device` by the caller."""
     torch.manual_seed(seed)
     model = model_lib.build_model(encoder, None, ENCODER_DEPTH)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    return model, optimizer, model_lib.make_loss()
+    return model, train_model.make_optimizer(model, LR, device), model_lib.make_loss()
 
 
 # The project's own loops, called here and nowhere else in the benchmarks (gpu_check.py
