@@ -13,6 +13,11 @@ On generated JPEGs of ISIC sizes (written to a temporary folder, removed afterwa
   before) and at each image's original size (train_model.validate's loop), and their ratio;
 - `test_model.py --image` on a 6000x4000 JPEG, split into read, preprocess, model and write;
 - peak memory of one training epoch at 200 and at 2000 images (each in a fresh process).
+- precision: train_model's training step and model.probabilities in float32, bf16 and each
+  with channels_last, for resnet18 at 128x128 and se_resnext50_32x4d at 320x320: images/s,
+  FLOPs per image (FlopCounterMode), GFLOP/s and its share of a 2048x2048 matmul in the same
+  precision measured in the same run, and the bf16/float32 ratios (--precision-only: this
+  part alone; one thread, --quick --precision-rounds 3, it took under 8 minutes).
 
 The training step and validation timed are train_model's own (train_one_epoch and validate,
 called in one place below), with train_model's defaults imported. The last line is one JSON object (cache_speedup,
