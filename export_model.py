@@ -501,7 +501,9 @@ def export(args):
                                     "is exported from; --info FILE.onnx shows an exported one")
     predictor = test_model.load_predictor(args.checkpoint, args.model_dir,
                                           torch.device("cpu"))
-    members = predictor.members
+    # traced as float32 in the default memory format, whatever inference here runs in
+    members = [(net.to(memory_format=torch.contiguous_format), ckpt, path)
+               for net, ckpt, path in predictor.members]
     first = members[0][1]
     out = Path(args.out) if args.out else Path(predictor.path).with_name(
         f"{first['encoder']}.onnx")

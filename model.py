@@ -192,12 +192,52 @@ def pick_device(name):
     return torch.device(name)
 
 
+def cpu_has_native_bf16():
+    """True where the processor computes in bfloat16 itself (AVX-512 BF16 or AMX), so oneDNN's
+    bf16 convolutions are faster than float32. oneDNN's own bf16 test alone is not enough: it
+    passes on any AVX-512 processor, where bf16 is emulated and slower than float32."""
+    return (torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+
+
+def autocast_dtype(device, mixed):
+    """The dtype autocast computes in on `device` when `mixed`, or None (float32): bfloat16
+    (else float16) on CUDA, bfloat16 on a CPU with native bf16, float32 on other CPUs."""
+    if not mixed:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
 def autocast(device, mixed):
-    """bfloat16 (else float16) autocast on CUDA when `mixed`; nothing on the CPU."""
-    if device.type == "cuda" and mixed:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return nullcontext()
+    """Autocast in autocast_dtype(device, mixed); nothing where that is float32."""
+    dtype = autocast_dtype(device, mixed)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def use_channels_last(device, channels_last, mixed):
+    """channels_last where it is faster: on CUDA, and on the CPU under bfloat16 only
+    (benchmarks/pipeline.py: faster there, slower for float32 convolutions on the CPU)."""
+    if device.type == "cuda":
+        return channels_last
+    return channels_last and autocast_dtype(device, mixed) is not None
+
+
+def precision_line(device, mixed, channels_last):
+    """What the model computes in, for the startup line; losses and metrics stay float32."""
+    dtype = autocast_dtype(device, mixed)
+    if dtype is None:
+        why = "" if not mixed or device.type != "cpu" else \
+            " (this CPU has no native bfloat16: no AVX-512 BF16 or AMX)"
+        text = f"float32{why}"
+    else:
+        text = f"{str(dtype).replace('torch.', '')} autocast (loss, metrics, probabilities " \
+               f"in float32)"
+    return text + (", channels_last" if use_channels_last(device, channels_last, mixed) else "")
 
 
 def to_device(images, device, channels_last):
@@ -358,11 +398,12 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
     return model
 
 
-def load_model(path, device, channels_last=False):
-    """(model in eval mode on device, checkpoint dict) of a checkpoint file."""
+def load_model(path, device, channels_last=False, mixed=False):
+    """(model in eval mode on device, checkpoint dict) of a checkpoint file; channels_last
+    where use_channels_last(device, channels_last, mixed) says it is faster."""
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, path).to(device).eval()
-    if channels_last and device.type == "cuda":
+    if use_channels_last(device, channels_last, mixed):
         model = model.to(memory_format=torch.channels_last)
     return model, ckpt
 

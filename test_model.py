@@ -33,8 +33,9 @@ BATCH_SIZE = 8                     # images per forward pass in --evaluate / --t
 WORKERS = min(4, os.cpu_count() or 1)  # loader processes decoding images beside the model
 SEED = None                        # seed of the random test image; None: a new one every run
 DEVICE = "auto"                    # "auto" (CUDA when present), "cuda" or "cpu"
-MIXED_PRECISION = True             # autocast on CUDA only; probabilities are taken in float32
-CHANNELS_LAST = True               # channels_last memory format, on CUDA only
+MIXED_PRECISION = True             # autocast on CUDA and on CPUs with native bfloat16;
+                                   #   probabilities are taken in float32
+CHANNELS_LAST = True               # channels_last memory format, on CUDA and under CPU bfloat16
 CUDNN_BENCHMARK = True             # CUDA: let cuDNN pick the fastest kernels for the input size
 FIGURE_MAX_SIDE = 1024             # bigger images are shrunk to this for the overlay figure
 # ---------------------------------------------------------------------------------------
@@ -80,9 +81,9 @@ def find_checkpoint(model_dir):
 
 def predict_batch(model, images, device, tta="none"):
     """Probabilities (N, h, w) float32 numpy at network size for a (N, 3, H, W) batch."""
-    cuda = device.type == "cuda"
-    return model_lib.tta_probabilities(model, images, device, tta, MIXED_PRECISION and cuda,
-                                       CHANNELS_LAST and cuda).cpu().numpy()
+    channels_last = model_lib.use_channels_last(device, CHANNELS_LAST, MIXED_PRECISION)
+    return model_lib.tta_probabilities(model, images, device, tta, MIXED_PRECISION,
+                                       channels_last).cpu().numpy()
 
 
 def predict(model, ckpt, image_path, device, exif=True, hw=None, tta="none"):
@@ -154,7 +155,8 @@ def load_predictor(paths, model_dir, device, tta="none"):
     if not files:
         newest, why = find_checkpoint(model_dir)
         files = [newest]
-    members = [(*model_lib.load_model(p, device, CHANNELS_LAST), p) for p in files]
+    members = [(*model_lib.load_model(p, device, CHANNELS_LAST, MIXED_PRECISION), p)
+               for p in files]
     predictor = Predictor(members, device, tta)
     predictor.why = why
     return predictor
@@ -680,7 +682,7 @@ def cross_validation(model_dir, device, args):
         stale.unlink()
     rows, per_fold, scored = [], {}, {}
     for path in files:
-        model, ckpt = model_lib.load_model(path, device, CHANNELS_LAST)
+        model, ckpt = model_lib.load_model(path, device, CHANNELS_LAST, MIXED_PRECISION)
         if ckpt.get("fold") is None:
             continue
         scored[str(ckpt["fold"])] = {"checkpoint": str(path), "epoch": ckpt.get("epoch"),

@@ -5,11 +5,11 @@ much longer validation at each image's original size takes than at network size.
     python benchmarks/gpu_check.py               # on a CUDA machine: 1 to 3 minutes
     python benchmarks/gpu_check.py --cpu-smoke   # the same code path, shrunk, on a CPU
 
-With no CUDA device it shrinks itself to the CPU smoke run and says so. Everything runs through
-the project's own pieces (model.build_model, make_loss, autocast, pick_device; the loaders of
-load_dataset.make_loader) with train_model's defaults as benchmarks/pipeline.py copies them
-(train_model.py itself is not imported), on generated images in a temporary folder. The last
-line is one JSON object.
+With no CUDA device it shrinks itself to the CPU smoke run and says so. The training step and
+validation timed are train_model's own (train_one_epoch and validate, through
+benchmarks/pipeline.py's train_steps and measure_validation), with train_model's defaults and
+the project's loaders (load_dataset.make_loader), on generated images in a temporary folder.
+The last line is one JSON object.
 """
 import argparse
 import json
@@ -74,19 +74,21 @@ def setup(args):
         why = "--cpu-smoke" if args.cpu_smoke else "no CUDA device"
         print(f"CPU SMOKE RUN ({why}): shrunk to {cfg['encoder']} at {cfg['size'][0]}x"
               f"{cfg['size'][1]}, batch {cfg['batch']}, {cfg['steps']} steps; this checks the "
-              f"code path only, the figures are not GPU figures (autocast and channels_last "
-              f"are off on CPU, as in train_model)")
-    return cfg, device, MIXED_PRECISION and cuda, CHANNELS_LAST and cuda
+              f"code path only, the figures are not GPU figures (the CPU computes in "
+              f"{model_lib.precision_line(device, MIXED_PRECISION, CHANNELS_LAST)}, as in "
+              f"train_model)")
+    mixed = model_lib.autocast_dtype(device, MIXED_PRECISION) is not None
+    return cfg, device, mixed, model_lib.use_channels_last(device, CHANNELS_LAST, mixed)
 
 
 def training_rate(encoder, batches, steps, warmup, device, mixed, channels_last):
     """Images/s of the training step over batches already on the device; peak GPU memory (MB)."""
-    model, optimizer, loss_fn = new_training(encoder)
+    model, optimizer, loss_fn = new_training(encoder, device=device)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     scaler = None
-    if mixed and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if model_lib.autocast_dtype(device, mixed) == torch.float16:  # as train_model decides
         scaler = torch.amp.GradScaler("cuda")
     cycle = (batches[i % len(batches)] for i in range(warmup + steps))
     train_steps(model, optimizer, loss_fn, cycle, warmup, device, mixed, channels_last, scaler)
@@ -132,11 +134,11 @@ def measure_training(cfg, args, device, mixed, channels_last, tmp):
     return r
 
 
-def report(cfg, args, r, v, cuda, started):
+def report(cfg, args, r, v, cuda, mixed, started):
     """The table, then the JSON line."""
     h, w = cfg["size"]
     amp_name = "mixed precision + channels_last" if cuda else \
-        "train_model's GPU flags (off on CPU)"
+        f"train_model's precision on this CPU ({'bf16' if mixed else 'float32'})"
     rows = [
         (f"training {cfg['encoder']} FPN {h}x{w}, batch {cfg['batch']}, float32", r["fp32_ips"],
          f"peak {r['fp32_mem']:.0f} MB" if cuda else ""),
@@ -192,7 +194,7 @@ def main(argv=None):
                                channels_last)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report(cfg, args, r, v, device.type == "cuda", started)
+    report(cfg, args, r, v, device.type == "cuda", mixed, started)
     return 0
 
 

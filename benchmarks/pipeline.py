@@ -13,9 +13,14 @@ On generated JPEGs of ISIC sizes (written to a temporary folder, removed afterwa
   before) and at each image's original size (train_model.validate's loop), and their ratio;
 - `test_model.py --image` on a 6000x4000 JPEG, split into read, preprocess, model and write;
 - peak memory of one training epoch at 200 and at 2000 images (each in a fresh process).
+- precision: train_model's training step and model.probabilities in float32, bf16 and each
+  with channels_last, for resnet18 at 128x128 and se_resnext50_32x4d at 320x320: images/s,
+  FLOPs per image (FlopCounterMode), GFLOP/s and its share of a 2048x2048 matmul in the same
+  precision measured in the same run, and the bf16/float32 ratios (--precision-only: this
+  part alone; one thread, --quick --precision-rounds 3, it took under 8 minutes).
 
-Benchmarks do not import train_model.py: they use its pieces (model, load_dataset, preprocess,
-metrics) and copy its defaults below. The last line is one JSON object (cache_speedup,
+The training step and validation timed are train_model's own (train_one_epoch and validate,
+called in one place below), with train_model's defaults imported. The last line is one JSON object (cache_speedup,
 pipeline_share, valid_original_over_network, memory_growth, ...) so the figures can be tracked
 from run to run. The machine may be shared: the output says how much CPU other processes took
 during the run, and speed ratios come from alternating rounds.
@@ -46,18 +51,11 @@ import metrics  # noqa: E402
 import model as model_lib  # noqa: E402
 import preprocess  # noqa: E402
 
-# Training defaults, as in train_model.py (not imported: a benchmark must not depend on it)
-ENCODER = "se_resnext50_32x4d"
-ENCODER_DEPTH = 5
-IMAGE_SIZE = (320, 320)
-BATCH_SIZE = 8
-WORKERS = min(8, max(1, (os.cpu_count() or 1) - 1))
-SEED = 42
-LR = 1e-4
-THRESHOLD = 0.5
-MIXED_PRECISION = True
-CHANNELS_LAST = True
-CUDNN_BENCHMARK = True
+import train_model  # noqa: E402  (the training step and validation timed here are its own)
+# train_model's defaults, imported: the benchmark times what a default run does
+from train_model import (BATCH_SIZE, CHANNELS_LAST, CUDNN_BENCHMARK, ENCODER,  # noqa: E402
+                         ENCODER_DEPTH, IMAGE_SIZE, LR, MIXED_PRECISION, SEED, THRESHOLD,
+                         WORKERS)
 
 CPU = torch.device("cpu")
 
@@ -120,10 +118,11 @@ def train_cache(root, size):
 
 def make_train_loader(pairs, root, size, batch, cache, workers, device=CPU):
     """The training loader as train_model builds it (augmentation included)."""
+    options = load_dataset.LoaderOptions(workers=workers, cache=train_cache(root, size)
+                                         if cache else None, seed=SEED,
+                                         pin_memory=device.type == "cuda")
     return load_dataset.make_loader(pairs, preprocess.InputSettings(tuple(size)), batch,
-                                    workers=workers, cache=train_cache(root, size) if cache
-                                    else None, train=True, seed=SEED,
-                                    pin_memory=device.type == "cuda")
+                                    options, train=True)
 
 
 def next_epoch(loader):
@@ -148,40 +147,40 @@ def sync(device):
 
 # ----------------------------------------------------------------------------- training step
 
-def new_training(encoder, seed=0):
-    """(model, Adam, the training loss) built as train_model builds them, no pretrained weights."""
+def new_training(encoder, seed=0, device=CPU):
+    """(model, optimiser, the training loss) built as train_model builds them, no pretrained
+    weights; the model is moved to `device` by the caller."""
     torch.manual_seed(seed)
     model = model_lib.build_model(encoder, None, ENCODER_DEPTH)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    return model, optimizer, model_lib.make_loss()
+    return model, train_model.make_optimizer(model, LR, device), model_lib.make_loss()
 
 
-def train_step(model, optimizer, loss_fn, batch, device, mixed, channels_last, scaler):
-    """One training step as train_model's loop takes it; returns the loss (one device sync)."""
-    images = model_lib.to_device(batch[0], device, channels_last)
-    masks = batch[1].to(device, non_blocking=True)
-    with model_lib.autocast(device, mixed):
-        logits = model(images)
-    loss = loss_fn(logits.float(), masks)  # the loss in float32, as in training
-    loss_value = loss.item()  # training's one device sync per step
-    model_lib.optimizer_step(loss, optimizer, scaler)
-    return loss_value
-
+# The project's own loops, called here and nowhere else in the benchmarks (gpu_check.py
+# imports these two), so a change of their signatures is met in one place.
 
 def train_steps(model, optimizer, loss_fn, batches, steps, device=CPU, mixed=False,
                 channels_last=False, scaler=None):
-    """(images, seconds) of `steps` batches (None batches count as steps, train nothing)."""
-    model.train()
-    images = 0
+    """(images, seconds) of train_model.train_one_epoch over the next `steps` batches (None
+    batches count as steps and train nothing), the step a training run takes."""
+    trainer = model_lib.Trainer(model, loss_fn, device, optimizer, scaler, mixed, channels_last,
+                                THRESHOLD)
     sync(device)
     t0 = time.perf_counter()
-    for batch in itertools.islice(batches, steps):
-        if batch is None:
-            continue
-        train_step(model, optimizer, loss_fn, batch, device, mixed, channels_last, scaler)
-        images += batch[0].shape[0]
+    trained = train_model.train_one_epoch(trainer, itertools.islice(batches, steps), 1, [],
+                                          progress=False)
     sync(device)
-    return images, time.perf_counter() - t0
+    return trained.images, time.perf_counter() - t0
+
+
+def validation_pass(model, loader, loss_fn, device=CPU, mixed=False, channels_last=False,
+                    threads=1):
+    """(images, seconds) of train_model.validate over the loader: the loss at network size,
+    each probability map resized to its true mask's size, cut and scored in threads."""
+    t0 = time.perf_counter()
+    trainer = model_lib.Trainer(model, loss_fn, device, mixed=mixed,
+                                channels_last=channels_last, threshold=THRESHOLD)
+    scores = train_model.validate(trainer, loader, threads)
+    return scores["images"], time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- measures
@@ -250,7 +249,8 @@ def measure_training(pairs, root, size, batch, workers, encoder, steps, rounds, 
 @torch.inference_mode()
 def network_size_pass(model, loader, loss_fn, device, mixed=False, channels_last=False):
     """(images, seconds) of validation at network size, as training validated before: forward,
-    loss, metrics.batch_confusion against the network-size masks."""
+    loss, metrics.batch_confusion against the network-size masks. Not the project's
+    validation (validation_pass is): the reference that prices scoring at original size."""
     model.eval()
     counts = []
     sync(device)
@@ -264,29 +264,6 @@ def network_size_pass(model, loader, loss_fn, device, mixed=False, channels_last
         loss_fn(logits, masks).item()
         counts += metrics.batch_confusion(torch.sigmoid(logits), masks, THRESHOLD).tolist()
     sync(device)
-    return len(counts), time.perf_counter() - t0
-
-
-@torch.inference_mode()
-def original_size_pass(model, loader, loss_fn, device, mixed=False, channels_last=False,
-                       threads=1):
-    """(images, seconds) of train_model.validate's loop, reproduced: the loss at network size,
-    then each probability map resized to its true mask's size, cut and scored in threads."""
-    model.eval()
-
-    def per_image():
-        for batch in next_epoch(loader):
-            if batch is None:
-                continue
-            images, masks, _, truths = batch
-            with model_lib.autocast(device, mixed):
-                logits = model(model_lib.to_device(images, device, channels_last)).float()
-            loss_fn(logits, masks.to(device)).item()
-            for prob, (bits, hw) in zip(torch.sigmoid(logits)[:, 0].cpu().numpy(), truths):
-                yield prob, preprocess.unpack_truth(bits, hw), THRESHOLD
-
-    t0 = time.perf_counter()
-    counts = list(preprocess.ordered_map(metrics.confusion_at_original, per_image(), threads))
     return len(counts), time.perf_counter() - t0
 
 
@@ -307,9 +284,10 @@ def measure_validation(pairs, root, size, batch, workers, encoder, rounds, devic
     """Seconds of a validation pass at network size and at original size, same model, images
     and cache (built before timing), in alternating rounds; the best round of each counts."""
     build_cache(pairs, root, size)  # image entries and true masks: nothing decoded when timed
+    options = load_dataset.LoaderOptions(workers=workers, cache=train_cache(root, size),
+                                         pin_memory=device.type == "cuda")
     common = dict(settings=preprocess.InputSettings(tuple(size)), batch_size=batch,
-                  workers=workers, cache=train_cache(root, size), train=False,
-                  pin_memory=device.type == "cuda")
+                  options=options)
     network = load_dataset.make_loader(pairs, **common)
     original = load_dataset.make_loader(pairs, truth=True, **common)
     torch.manual_seed(0)
@@ -318,8 +296,8 @@ def measure_validation(pairs, root, size, batch, workers, encoder, rounds, devic
         model.to(memory_format=torch.channels_last)
     loss_fn, amp = model_lib.make_loss(), (mixed, channels_last)
     passes = {"network": lambda: network_size_pass(model, network, loss_fn, device, *amp),
-              "original": lambda: original_size_pass(model, original, loss_fn, device, *amp,
-                                                     threads=max(1, workers))}
+              "original": lambda: validation_pass(model, original, loss_fn, device, *amp,
+                                                  threads=max(1, workers))}
     for run in passes.values():
         run()  # warm-up: workers started, entries in the page cache, allocator grown
     seconds, extra_mb = {key: [] for key in passes}, {key: [] for key in passes}
@@ -384,6 +362,145 @@ def measure_image(path, mask_path, encoder, size, repeats):
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return {k: statistics.median(v) for k, v in stages.items()}
+
+
+# ----------------------------------------------------------------------------- precision
+
+# (encoder, size): the CPU recipe's model and the paper's; batch BATCH_SIZE, no weights
+PRECISION_CASES = (("resnet18", (128, 128)), ("se_resnext50_32x4d", (320, 320)))
+# (name, mixed, channels_last): mixed is MIXED_PRECISION, bfloat16 autocast on this CPU
+PRECISION_VARIANTS = (("float32", False, False), ("float32 + channels_last", False, True),
+                      ("bf16", True, False), ("bf16 + channels_last", True, True))
+PEAK_MATMUL = 2048  # side of the square matrix multiply that gives the practical peak
+
+
+def matmul_gflops(dtype, n=PEAK_MATMUL, min_seconds=0.5):
+    """GFLOP/s of an n x n matrix multiply in dtype (best of repeated timings): what this CPU
+    reaches on the kind of work it does best, the practical peak for that precision."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm-up: oneDNN/BLAS kernels chosen, pages touched
+    best, spent = float("inf"), 0.0
+    while spent < min_seconds:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        t = time.perf_counter() - t0
+        best, spent = min(best, t), spent + t
+    return 2 * n ** 3 / best / 1e9
+
+
+def flops_per_image(encoder, size, batch):
+    """(training, inference) floating-point operations per image, counted by torch's
+    FlopCounterMode (convolutions and matrix products, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, _, loss_fn = new_training(encoder)
+    images, masks = synthetic_batch(size, batch)
+    with FlopCounterMode(display=False) as train_count:
+        loss_fn(model.train()(images), masks).backward()
+    with FlopCounterMode(display=False) as infer_count, torch.inference_mode():
+        model.eval()(images)
+    return train_count.get_total_flops() / batch, infer_count.get_total_flops() / batch
+
+
+def synthetic_batch(size, batch):
+    """A batch of images and 0/1 masks of the training format: speed does not depend on the
+    pixels, so no files are needed for the precision measure."""
+    g = torch.Generator().manual_seed(SEED)
+    images = torch.randn(batch, 3, *size, generator=g)
+    masks = (torch.rand(batch, 1, *size, generator=g) > 0.7).float()
+    return images, masks
+
+
+def inference_rate(model, images, device, mixed, channels_last, repeats):
+    """Images/s of model.probabilities, the forward pass test_model.py and the ensembles run."""
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        model_lib.probabilities(model, images, device, mixed, channels_last)
+    sync(device)
+    return repeats * images.shape[0] / (time.perf_counter() - t0)
+
+
+def measure_precision(encoder, size, batch, steps, rounds, device=CPU):
+    """Training-step and inference images/s of each precision variant, in rotating rounds
+    (each round starts with another variant); the matrix-multiply peaks in float32 and
+    bfloat16, measured between the rounds; FLOPs per image. Best round of each."""
+    images, masks = synthetic_batch(size, batch)
+    batch_list = [(images, masks, None)] * steps
+    variants = {}
+    for name, mixed, channels_last in PRECISION_VARIANTS:
+        mixed = mixed and model_lib.autocast_dtype(device, True) is not None
+        model, optimizer, loss_fn = new_training(encoder)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        train_steps(model, optimizer, loss_fn, iter(batch_list), 2, device, mixed,
+                    channels_last)  # warm-up: oneDNN primitives, Adam's state
+        variants[name] = dict(model=model, optimizer=optimizer, loss_fn=loss_fn, mixed=mixed,
+                              channels_last=channels_last, train=[], infer=[])
+    peaks = {"float32": [], "bf16": []}
+    names = list(variants)
+    for r in range(rounds):
+        for dtype, key in ((torch.float32, "float32"), (torch.bfloat16, "bf16")):
+            peaks[key].append(matmul_gflops(dtype))
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            v = variants[name]
+            n, t = train_steps(v["model"], v["optimizer"], v["loss_fn"], iter(batch_list),
+                               steps, device, v["mixed"], v["channels_last"])
+            v["train"].append(n / t)
+            v["infer"].append(inference_rate(v["model"], images, device, v["mixed"],
+                                             v["channels_last"], max(2, steps // 2)))
+    train_flops, infer_flops = flops_per_image(encoder, size, batch)
+    return {"encoder": encoder, "size": list(size), "batch": batch, "steps": steps,
+            "train_flops": train_flops, "infer_flops": infer_flops,
+            "peak": {k: max(v) for k, v in peaks.items()}, "peak_rounds": peaks,
+            "variants": {name: {"mixed": v["mixed"], "channels_last": v["channels_last"],
+                                "train": v["train"], "infer": v["infer"]}
+                         for name, v in variants.items()}}
+
+
+def precision_lines(p):
+    """The table of one case: images/s, GFLOP/s and share of the practical peak, then ratios."""
+    (h, w), peak = p["size"], p["peak"]
+    lines = [f"precision: {p['encoder']} FPN {h}x{w}, batch {p['batch']}, "
+             f"{torch.get_num_threads()} threads; FLOPs per image (FlopCounterMode): training "
+             f"step {p['train_flops'] / 1e9:.2f} G, inference {p['infer_flops'] / 1e9:.2f} G",
+             f"  practical peak, {PEAK_MATMUL}x{PEAK_MATMUL} matmul: float32 "
+             f"{peak['float32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s "
+             f"(bf16/float32 {peak['bf16'] / peak['float32']:.2f})",
+             f"  {'variant':<26}{'train im/s':>11}{'GFLOP/s':>9}{'of peak':>9}"
+             f"{'infer im/s':>12}{'GFLOP/s':>9}{'of peak':>9}"]
+    best = {}
+    for name, v in p["variants"].items():
+        key = "bf16" if v["mixed"] else "float32"
+        train, infer = max(v["train"]), max(v["infer"])
+        best[name] = (train, infer)
+        tg, ig = train * p["train_flops"] / 1e9, infer * p["infer_flops"] / 1e9
+        lines.append(f"  {name:<26}{train:>11.2f}{tg:>9.0f}{tg / peak[key]:>9.0%}"
+                     f"{infer:>12.2f}{ig:>9.0f}{ig / peak[key]:>9.0%}")
+    f32, f32cl = best["float32"], best["float32 + channels_last"]
+    b16, b16cl = best["bf16"], best["bf16 + channels_last"]
+    lines += [f"  bf16 / float32: training {b16[0] / f32[0]:.2f}x, with channels_last "
+              f"{b16cl[0] / f32[0]:.2f}x; inference {b16[1] / f32[1]:.2f}x, with "
+              f"channels_last {b16cl[1] / f32[1]:.2f}x (goal: training >= 1.5x)",
+              f"  channels_last / contiguous: float32 training {f32cl[0] / f32[0]:.2f}x, "
+              f"inference {f32cl[1] / f32[1]:.2f}x; bf16 training {b16cl[0] / b16[0]:.2f}x, "
+              f"inference {b16cl[1] / b16[1]:.2f}x",
+              f"  (best of {len(p['variants']['float32']['train'])} rotating rounds of "
+              f"{p['steps']} train_model.train_one_epoch steps and model.probabilities passes; "
+              f"goal: the step at >= 50% of its precision's peak)"]
+    return lines
+
+
+def precision_json(p):
+    out = {"train_flops_g": round(p["train_flops"] / 1e9, 3),
+           "infer_flops_g": round(p["infer_flops"] / 1e9, 3),
+           "peak_gflops": {k: round(v, 1) for k, v in p["peak"].items()}}
+    for name, v in p["variants"].items():
+        key = "bf16" if v["mixed"] else "float32"
+        out[name] = {"train_ips": round(max(v["train"]), 3),
+                     "infer_ips": round(max(v["infer"]), 3),
+                     "train_share_of_peak": round(max(v["train"]) * p["train_flops"] / 1e9
+                                                  / p["peak"][key], 3)}
+    return out
 
 
 # ----------------------------------------------------------------------------- memory
@@ -504,6 +621,11 @@ def parse_args(argv=None):
     p.add_argument("--memory-steps", type=int, default=None,
                    help="model steps in each memory epoch, the same at both sizes (default 25, "
                         "quick 10; 0: every batch); the loader always runs the whole epoch")
+    p.add_argument("--precision-only", action="store_true",
+                   help="only the precision measure (float32 / bf16, channels_last)")
+    p.add_argument("--skip-precision", action="store_true", help="leave the precision measure out")
+    p.add_argument("--precision-rounds", type=int, default=None,
+                   help="rotating rounds of the precision measure (default 4, quick 2)")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, help=argparse.SUPPRESS)
@@ -513,6 +635,7 @@ def parse_args(argv=None):
     args.steps = args.steps or (4 if quick else 6)
     args.rounds = args.rounds or (5 if quick else 8)
     args.valid_rounds = max(1, args.valid_rounds or (2 if quick else 4))
+    args.precision_rounds = max(1, args.precision_rounds or (2 if quick else 4))
     if args.memory_steps is None:  # the same model work at both sizes: one 200-image epoch
         args.memory_steps = 10 if quick else 25
     args.size, args.loader_size = tuple(args.size), tuple(args.loader_size)
@@ -565,19 +688,39 @@ def main(argv=None):
             print(f"kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+    precision = [line for case in r.get("precision", []) for line in precision_lines(case) + [""]]
+    if args.precision_only:
+        print("\n".join(header_lines(r, summarise_load(r), args) + [""] + precision))
+        print(json.dumps({"precision": {c["encoder"]: precision_json(c) for c in r["precision"]}}
+                         | load_json(r, summarise_load(r))))
+        return 0
     s = summarise(r)
     lines = (header_lines(r, s, args) + [""] + speed_lines(r, s, args)
              + validation_lines(r, args) + [""] + image_lines(r, s, args) + [""]
-             + memory_lines(r, s, args) + target_lines(r, s))
+             + memory_lines(r, s, args) + [""] + precision + target_lines(r, s))
     print("\n".join(lines))
     print(json.dumps(summary_json(r, s, args)))
     return 0
+
+
+def run_precision(args, r, say):
+    r["precision"] = []
+    if args.skip_precision:
+        return r
+    for encoder, size in PRECISION_CASES:
+        say(f"precision, {encoder} {size[0]}x{size[1]} ...")
+        steps = (2 if args.quick else 3) if size[0] > 200 else (4 if args.quick else 8)
+        r["precision"].append(measure_precision(encoder, size, args.batch, steps,
+                                                args.precision_rounds))
+    return r
 
 
 def run_measures(args, tmp):
     """Every measure, in order, on data generated under tmp; their raw results."""
     r = {"sizes": [SIZE_CYCLE[i % len(SIZE_CYCLE)] for i in range(args.mix_images)]}
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    if args.precision_only:
+        return run_precision(args, r, say)
     say(f"writing {len(r['sizes'])} ISIC-size JPEGs and 2000 small ones to {tmp} ...")
     mix_pairs, r["mix_bytes"] = write_set(tmp / "mix", r["sizes"], seed=1)
     small_pairs, _ = write_set(tmp / "small", [SMALL_SOURCE] * 2000, seed=2)
@@ -605,16 +748,27 @@ def run_measures(args, tmp):
     say(f"  {r['image']}")
     say("memory ...")
     r["memory"] = {n: measure_memory(tmp / "small", n, args) for n in (200, 2000)}
-    return r
+    return run_precision(args, r, say)
+
+
+def summarise_load(r):
+    """Wall time, cores, and the cores other processes took on average during the run."""
+    wall = time.time() - r["started"]
+    return {"wall": wall, "cores": os.cpu_count(), "load_end": os.getloadavg()[0],
+            "others": None if r["busy_start"] is None else
+            max(0.0, (_busy_seconds() - r["busy_start"] - _own_seconds()) / wall)}
+
+
+def load_json(r, s):
+    return {"load_avg_start": round(r["load_start"], 2), "load_avg_end": round(s["load_end"], 2),
+            "other_cores": None if s["others"] is None else round(s["others"], 2),
+            "seconds": round(s["wall"], 1)}
 
 
 def summarise(r):
     """The derived figures: speed and memory ratios, and the CPU other processes took."""
-    wall = time.time() - r["started"]
     memory, image = r["memory"], r["image"]
-    s = {"wall": wall, "cores": os.cpu_count(),
-         "others": None if r["busy_start"] is None else  # cores used by others, on average
-         max(0.0, (_busy_seconds() - r["busy_start"] - _own_seconds()) / wall),
+    s = summarise_load(r) | {
          "cache_speedup": r["loader"]["cached"][0] / r["loader"]["uncached"][0],
          "model_ips": max(r["alone"]), "pipe_ips": max(r["pipeline"]),  # see measure_training
          "median_share": statistics.median(b / a for a, b in zip(r["alone"], r["pipeline"])),
@@ -630,15 +784,20 @@ def header_lines(r, s, args):
     sizes, cores, others = r["sizes"], s["cores"], s["others"]
     mix = ", ".join(f"{w}x{h} {sizes.count((w, h)) / len(sizes):.0%}"
                     for w, h in sorted(set(sizes)))
+    sources = [] if "mix_bytes" not in r else [
+        f"sources: {len(sizes)} generated JPEGs (q{JPEG_QUALITY}, {r['mix_bytes'] / 1e6:.0f} MB, "
+        f"{r['mix_bytes'] / sum(w * h for w, h in sizes):.2f} B/px) + PNG 0/255 masks; "
+        f"sizes: {mix}"]
     return [
         f"pipeline benchmark{' (--quick)' if args.quick else ''}: {cores} CPU cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"loader workers {args.workers}"
         f"{' (train_model.WORKERS)' if args.workers == WORKERS else ''}, batch {args.batch}",
-        f"sources: {len(sizes)} generated JPEGs (q{JPEG_QUALITY}, {r['mix_bytes'] / 1e6:.0f} MB, "
-        f"{r['mix_bytes'] / sum(w * h for w, h in sizes):.2f} B/px) + PNG 0/255 masks; "
-        f"sizes: {mix}",
-        f"load average {r['load_start']:.1f} at start; other processes used "
+        f"CPU precision by default: {model_lib.precision_line(CPU, MIXED_PRECISION, CHANNELS_LAST)}"
+        + ("" if model_lib.cpu_has_native_bf16() else "; the bf16 rows below run in float32"),
+        *sources,
+        f"load average {r['load_start']:.1f} at start, {s['load_end']:.1f} at the end; other "
+        f"processes used "
         + ("?" if others is None else f"{others:.2f}") + f" of the {cores} cores on average "
         f"during the run" + ("  ** shared machine: timings are noisy **"
                              if others is not None and others > 0.2 else ""),
@@ -761,9 +920,8 @@ def summary_json(r, s, args):
         "quick": args.quick, "cores": s["cores"], "workers": args.workers,
         "encoder": args.encoder, "train_size": list(args.size),
         "loader_size": list(args.loader_size), "batch": args.batch,
-        "load_avg_start": round(r["load_start"], 2),
-        "other_cores": None if s["others"] is None else round(s["others"], 2),
-        "seconds": round(time.time() - r["started"], 1)}
+        "precision": {c["encoder"]: precision_json(c) for c in r["precision"]}} \
+        | load_json(r, s)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,33 @@ def test_no_import_cycle_among_the_projects_modules():
         assert not graph[name] & {"train_model", "test_model"}, name
 
 
-def test_benchmarks_do_not_import_the_training_script():
-    for path in (REPO / "benchmarks").glob("*.py"):
-        assert "train_model" not in project_imports(path), path.name
+def test_benchmarks_time_the_projects_own_step_and_validation_and_take_its_defaults(monkeypatch):
+    """benchmarks/pipeline.py (and gpu_check.py through it) calls the training step and the
+    validation train_model runs (model.train_one_epoch and model.validate, which train_model
+    imports), and takes its defaults from train_model rather than copying them."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import model as model_lib
+    import pipeline
+    import train_model
+
+    assert train_model.train_one_epoch is model_lib.train_one_epoch
+    assert train_model.validate is model_lib.validate
+    called = []
+    monkeypatch.setattr(train_model, "train_one_epoch", lambda trainer, *a, **k: called.append(
+        ("train", trainer.threshold)) or model_lib.EpochResult(0.5, 3, 0))
+    monkeypatch.setattr(train_model, "validate",
+                        lambda *a, **k: called.append(("validate",)) or {"images": 2})
+    assert pipeline.train_steps(None, None, None, iter([]), 1)[0] == 3
+    assert pipeline.validation_pass(None, [], None)[0] == 2
+    assert called == [("train", train_model.THRESHOLD), ("validate",)]
+    gpu_check = (REPO / "benchmarks" / "gpu_check.py").read_text()
+    assert "train_steps" in gpu_check and "measure_validation" in gpu_check
+    for path in (REPO / "benchmarks" / "pipeline.py", REPO / "benchmarks" / "gpu_check.py"):
+        assigned = {t.id for node in ast.parse(path.read_text()).body
+                    if isinstance(node, ast.Assign) for t in node.targets
+                    if isinstance(t, ast.Name)}
+        assert not assigned & {"SEED", "LR", "THRESHOLD", "BATCH_SIZE", "ENCODER", "IMAGE_SIZE",
+                               "WORKERS", "MIXED_PRECISION", "CHANNELS_LAST"}, path.name
 
 
 def test_no_product_function_takes_more_than_seven_parameters():
