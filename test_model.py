@@ -131,7 +131,8 @@ def load_predictor(paths, model_dir, device, tta="none"):
     if paths and not files:
         raise UsageError(f"no checkpoint (*.pth) in {' '.join(map(str, paths))}")
     files = files or [find_checkpoint(model_dir)]
-    members = [(*model_lib.load_model(p, device, CHANNELS_LAST, MIXED_PRECISION), p) for p in files]
+    members = [(*model_lib.load_model(p, device, CHANNELS_LAST, MIXED_PRECISION), p)
+               for p in files]
     return Predictor(members, device, tta)
 
 
