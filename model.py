@@ -221,7 +221,8 @@ def autocast(device, mixed):
 
 def use_channels_last(device, channels_last, mixed):
     """channels_last where it is faster: on CUDA, and on the CPU under bfloat16 only
-    (benchmarks/pipeline.py: faster there, slower for float32 convolutions on the CPU)."""
+    (benchmarks/pipeline.py: faster there for the paper's encoder; in float32 it did not
+    speed up training on the CPU)."""
     if device.type == "cuda":
         return channels_last
     return channels_last and autocast_dtype(device, mixed) is not None

@@ -20,9 +20,9 @@ On generated JPEGs of ISIC sizes (written to a temporary folder, removed afterwa
   part alone; one thread, --quick --precision-rounds 3, it took under 8 minutes).
 
 The training step and validation timed are train_model's own (train_one_epoch and validate,
-called in one place below), with train_model's defaults imported. The last line is one JSON object (cache_speedup,
-pipeline_share, valid_original_over_network, memory_growth, ...) so the figures can be tracked
-from run to run. The machine may be shared: the output says how much CPU other processes took
+called in one place below), with train_model's defaults imported. The last line is one JSON
+object (cache_speedup, pipeline_share, valid_original_over_network, memory_growth, precision,
+...) so the figures can be tracked from run to run. The machine may be shared: the output says how much CPU other processes took
 during the run, and speed ratios come from alternating rounds.
 """
 import argparse
@@ -155,6 +155,20 @@ def new_training(encoder, seed=0, device=CPU):
     return model, train_model.make_optimizer(model, LR, device), model_lib.make_loss()
 
 
+def default_precision(device=CPU):
+    """(mixed, channels_last) as train_model.setup_device applies them on `device`."""
+    mixed = model_lib.autocast_dtype(device, MIXED_PRECISION) is not None
+    return mixed, model_lib.use_channels_last(device, CHANNELS_LAST, mixed)
+
+
+def new_default_training(encoder):
+    """new_training on the CPU, in the memory format training uses there."""
+    model, optimizer, loss_fn = new_training(encoder)
+    if default_precision()[1]:
+        model.to(memory_format=torch.channels_last)
+    return model, optimizer, loss_fn
+
+
 # The project's own loops, called here and nowhere else in the benchmarks (gpu_check.py
 # imports these two), so a change of their signatures is met in one place.
 
@@ -229,8 +243,9 @@ def measure_training(pairs, root, size, batch, workers, encoder, steps, rounds, 
         raise SystemExit(f"{len(pairs)} pairs give {len(loader)} batches; need {steps}")
     # same augmented tensors, same size
     in_memory = list(itertools.islice(next_epoch(loader), steps))
-    model, optimizer, loss_fn = new_training(encoder)
-    train_steps(model, optimizer, loss_fn, iter(in_memory), 2)  # warm-up: allocator, Adam state
+    model, optimizer, loss_fn = new_default_training(encoder)
+    amp = default_precision()  # the CPU's default precision, as a training run takes it
+    train_steps(model, optimizer, loss_fn, iter(in_memory), 2, CPU, *amp)  # warm-up
     timed_pass(loader)  # warm-up: workers started, cache entries read once
     alone, pipeline = [], []
     started = time.perf_counter()
@@ -239,7 +254,7 @@ def measure_training(pairs, root, size, batch, workers, encoder, steps, rounds, 
             break
         for source in (("alone", "pipeline") if r % 2 == 0 else ("pipeline", "alone")):
             batches = iter(in_memory) if source == "alone" else next_epoch(loader)
-            n, t = train_steps(model, optimizer, loss_fn, batches, steps)
+            n, t = train_steps(model, optimizer, loss_fn, batches, steps, CPU, *amp)
             (alone if source == "alone" else pipeline).append(n / t)
     return alone, pipeline
 
@@ -558,12 +573,13 @@ def memory_child(args):
     pairs = all_pairs(Path(args.memory_child))[:args.count]
     loader = make_train_loader(pairs, Path(args.memory_child), args.size, args.batch, True,
                                args.workers)
-    model, optimizer, loss_fn = new_training(args.encoder)
+    model, optimizer, loss_fn = new_default_training(args.encoder)
     sampler = TreeMemory()
     sampler.start()
     steps = len(loader) if args.memory_steps <= 0 else min(args.memory_steps, len(loader))
     iterator = next_epoch(loader)
-    trained, seconds = train_steps(model, optimizer, loss_fn, iterator, steps)
+    trained, seconds = train_steps(model, optimizer, loss_fn, iterator, steps, CPU,
+                                   *default_precision())
     drained = sum(b[0].shape[0] for b in iterator if b is not None)  # the rest of the epoch
     worker_hwm = [_kb(p, "VmHWM", "status") for p in _children(os.getpid())]
     sampler.stop.set()
@@ -737,7 +753,8 @@ def run_measures(args, tmp):
     say(f"  model alone {r['alone']}, pipeline {r['pipeline']}")
     say("validation ...")
     r["valid"] = measure_validation(mix_pairs, tmp / "mix", args.loader_size, args.batch,
-                                    args.workers, args.encoder, args.valid_rounds)
+                                    args.workers, args.encoder, args.valid_rounds, CPU,
+                                    *default_precision())
     say(f"  {r['valid']['rounds']}")
     say("--image ...")
     largest = max(mix_pairs, key=lambda p: p.image.stat().st_size)
