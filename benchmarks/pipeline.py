@@ -728,6 +728,7 @@ def run_precision(args, r, say):
         steps = (2 if args.quick else 3) if size[0] > 200 else (4 if args.quick else 8)
         r["precision"].append(measure_precision(encoder, size, args.batch, steps,
                                                 args.precision_rounds))
+        say("\n".join(precision_lines(r["precision"][-1])))  # kept if a later case is stopped
     return r
 
 
