@@ -431,15 +431,17 @@ def metadata_of(records, tta, threshold):
 
 # ----------------------------------------------------------------------------- checks
 
-def torch_probability(members, image, tta="none"):
+def torch_probability(members, image, tta="none", precision=(False, False)):
     """The PyTorch path of test_model.py from a decoded image: each member's resize, FPN and
-    views, its map resized to the image's size, the mean over members."""
+    views, its map resized to the image's size, the mean over members. `precision`: (autocast?,
+    channels_last?), float32 by default, as the graph computes."""
     maps = []
     for net, ckpt, _ in members:
         settings = model_lib.input_settings(ckpt)
         small, _ = preprocess.resize_pair(image, None, settings.size_hw, settings.interpolation)
         x = preprocess.to_tensor(small, settings.mean, settings.std)[None]
-        prob = model_lib.tta_probabilities(net, x, torch.device("cpu"), tta)[0].numpy()
+        prob = model_lib.tta_probabilities(net, x, torch.device("cpu"), tta,
+                                           *precision)[0].numpy()
         maps.append(preprocess.prob_to_original(prob, image.shape[:2]))
     return maps[0] if len(maps) == 1 else np.mean(maps, axis=0)
 

@@ -58,8 +58,8 @@ def decoded_images(folder):
     return [preprocess.read_image(task[2]) for task in tasks]
 
 
-def pytorch_mask(members, image, tta, threshold):
-    prob = export_model.torch_probability(members, image, tta)
+def pytorch_mask(members, image, tta, threshold, precision=(False, False)):
+    prob = export_model.torch_probability(members, image, tta, precision)
     return test_model.to_png_mask(test_model.finish_mask(prob, threshold, False))
 
 
@@ -69,9 +69,11 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def measure(members, session, images, tta, rounds, threshold):
-    """Seconds [round][image] for each runtime; alternating which goes first."""
-    ways = {"pytorch": lambda im: pytorch_mask(members, im, tta, threshold),
+def measure(members, session, images, tta, rounds, precision):
+    """Seconds [round][image] for each runtime; alternating which goes first. `precision`:
+    (threshold, (autocast?, channels_last?)) of the PyTorch path."""
+    threshold, amp = precision
+    ways = {"pytorch": lambda im: pytorch_mask(members, im, tta, threshold, amp),
             "onnxruntime": lambda im: session.run(["mask"], {"image": im})[0]}
     for fn in ways.values():  # warm up: first calls allocate and pick kernels
         fn(images[0])
@@ -115,6 +117,10 @@ def parse_args(argv=None):
                    metavar=("H", "W"))
     p.add_argument("--tta", default="none", choices=export_model.TTAS)
     p.add_argument("--rounds", type=int, default=ROUNDS)
+    p.add_argument("--pytorch", choices=("float32", "default"), default="float32",
+                   help="PyTorch in float32, as the graph computes, or in test_model.py's "
+                        "precision on this machine (bfloat16 with channels_last on a CPU "
+                        "with native bf16)")
     return p.parse_args(argv)
 
 
@@ -133,18 +139,30 @@ def main(argv=None):
         export_s = time.perf_counter() - started
         members = test_model.load_predictor(list(map(str, paths)), None,
                                             torch.device("cpu")).members
+        cpu = torch.device("cpu")
+        amp = (False, False)
+        if args.pytorch == "default":
+            amp = (model_lib.autocast_dtype(cpu, test_model.MIXED_PRECISION) is not None,
+                   model_lib.use_channels_last(cpu, test_model.CHANNELS_LAST,
+                                               test_model.MIXED_PRECISION))
+        if not amp[1]:
+            members = [(net.to(memory_format=torch.contiguous_format), c, p)
+                       for net, c, p in members]
         session = model_lib.onnx_session(out)  # as many threads as torch
         threshold = float(members[0][1].get("threshold", 0.5))
         images = decoded_images(tmp)
-        seconds = measure(members, session, images, args.tta, args.rounds, threshold)
+        seconds = measure(members, session, images, args.tta, args.rounds, (threshold, amp))
         worst = max(float(np.abs(session.run(["probability"], {"image": im})[0]
-                                 - export_model.torch_probability(members, im, args.tta)).max())
+                                 - export_model.torch_probability(members, im, args.tta,
+                                                                  amp)).max())
                     for im in images)
     ckpt = members[0][1]
     size = ckpt["image_size"]
     header = [
         f"FPN {', '.join(c['encoder'] for _, c, _ in members)} at {size[0]}x{size[1]}, "
-        f"views {args.tta}, float32 on the CPU ({os.cpu_count()} cores; torch "
+        f"views {args.tta}, PyTorch in "
+        f"{model_lib.precision_line(torch.device('cpu'), amp[0], amp[1])}, onnxruntime in "
+        f"float32, on the CPU ({os.cpu_count()} cores; torch "
         f"{torch.__version__} with {torch.get_num_threads()} threads, onnxruntime "
         f"{ort.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})",
         f"{len(images)} decoded JPEGs ({', '.join(f'{w}x{h}' for w, h in SIZES)}), "
