@@ -74,7 +74,7 @@ def find_checkpoint(model_dir):
     newest = max(real or found, key=lambda p: p.stat().st_mtime)
     why = (f"the newest of {len(found)} best model(s) under {model_dir}/"
            + ("" if real or len(found) == 1 else ", all of them demo models")
-           + (f", demo models left aside" if real and len(real) < len(found) else "")
+           + (", demo models left aside" if real and len(real) < len(found) else "")
            + "; --checkpoint picks another")
     return newest, why
 

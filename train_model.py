@@ -9,13 +9,15 @@ Edit the constants below for an experiment, or pass the matching flag: every con
 (--lower-case-name; DATA_DIR is --data), and its comment is the flag's help.
 """
 import argparse
-import csv
+import ast
 import io
 import math
 import os
 import shutil
 import sys
 import time
+import tokenize
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # ----------------------------------------------------------------------------- settings
@@ -59,18 +61,7 @@ DEMO = dict(data="data/demo", model_dir="Model/demo", encoder="resnet18", encode
             lr_after_drop=1e-4)
 # ---------------------------------------------------------------------------------------
 
-import argparse  # noqa: E402  (the settings above come first, as a reader looks for them)
-import ast  # noqa: E402
-import io  # noqa: E402
-import math  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import tokenize  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402  (the settings above come first, as a reader looks for them)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -79,8 +70,8 @@ import demo_data  # noqa: E402
 import load_dataset  # noqa: E402
 import model as model_lib  # noqa: E402
 import preprocess  # noqa: E402
-from model import (CheckpointError, NonFiniteLoss, SettingError, gather, main_process,  # noqa: E402,F401
-                   rank, sum_over_processes, train_one_epoch, validate, world_size)
+from model import (CheckpointError, NonFiniteLoss, SettingError, main_process,  # noqa: E402
+                   rank, train_one_epoch, validate, world_size)
 
 LISTED_FILES = 20  # corrected/skipped files named on the console; the data report lists all
 CHECKPOINT_COPIES = 7  # model sizes on disk at the worst moment: best + last (3x, with Adam's
