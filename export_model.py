@@ -483,10 +483,7 @@ def info_lines(path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", nargs="+", default=CHECKPOINT, metavar="PATH",
-                   help="checkpoint(s) or folder(s); several: an ensemble; default: the newest "
-                        "in --model-dir")
-    p.add_argument("--model-dir", default=MODEL_DIR)
+    test_model.add_model_flags(p, CHECKPOINT, MODEL_DIR)
     p.add_argument("--out", default=OUT, help="ONNX file to write")
     p.add_argument("--tta", default=TTA, choices=TTAS, help="test-time views in the graph")
     p.add_argument("--threshold", type=float, default=THRESHOLD,

@@ -406,10 +406,8 @@ def confidence_maps(predictor, images, pairs):
     views, whatever test-time views the prediction itself uses."""
     cuda = predictor.device.type == "cuda"
     size = tuple(predictor.settings.size_hw)
-    if isinstance(predictor, model_lib.OnnxPredictor):  # the graph's own output, as one view
-        maps = [cv2.resize(predictor.image(p.image, p.exif), size[::-1],
-                           interpolation=cv2.INTER_AREA) for p in pairs]
-        return np.stack([[m] * 4 for m in maps])
+    if isinstance(predictor, model_lib.OnnxPredictor):
+        return onnx_confidence_maps(predictor, [predictor.image(p.image, p.exif) for p in pairs])
     per_member = []
     for model, ckpt, _ in predictor.members:
         settings = model_lib.input_settings(ckpt)
@@ -426,6 +424,14 @@ def confidence_maps(predictor, images, pairs):
                               for v in image] for image in maps])
         per_member.append(maps)
     return np.concatenate(per_member, 1)
+
+
+def onnx_confidence_maps(predictor, probs):
+    """confidence_maps of an exported file: its own maps (at the image's size) brought to the
+    network size, as one member whose four views agree (the graph averages its views)."""
+    size = tuple(predictor.settings.size_hw)
+    return np.stack([[cv2.resize(prob, size[::-1], interpolation=cv2.INTER_AREA)] * 4
+                     for prob in probs])
 
 
 def split_probabilities(predictor, pairs, batch_size, workers, desc, confidence=False):
@@ -445,8 +451,11 @@ def split_probabilities(predictor, pairs, batch_size, workers, desc, confidence=
                 continue
             images, _, ids, truths = batch
             probs = predictor.batch(images, [by_id[i] for i in ids])
-            maps = confidence_maps(predictor, images, [by_id[i] for i in ids]) \
-                if confidence else None
+            maps = None
+            if confidence and isinstance(predictor, model_lib.OnnxPredictor):
+                maps = onnx_confidence_maps(predictor, probs)  # the graph's maps, not rerun
+            elif confidence:
+                maps = confidence_maps(predictor, images, [by_id[i] for i in ids])
             for j, (prob, pair_id, (bits, hw)) in enumerate(zip(probs, ids, truths)):
                 item = (by_id[pair_id], prob, bits, hw)  # unpacked in the scoring threads
                 yield item + (maps[j],) if confidence else item
@@ -761,13 +770,19 @@ def summarise_folds(rows, per_fold, out, scored):
 
 # ----------------------------------------------------------------------------- main
 
+def add_model_flags(p, checkpoint=CHECKPOINT, model_dir=MODEL_DIR):
+    """--checkpoint and --model-dir, which pick the model(s) as load_predictor does."""
+    p.add_argument("--checkpoint", nargs="+", default=checkpoint, metavar="PATH",
+                   help="checkpoint(s) or folder(s); several: an ensemble; default: the newest "
+                        "in --model-dir")
+    p.add_argument("--model-dir", default=model_dir,
+                   help="where to look for the newest checkpoint")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", nargs="+", default=CHECKPOINT, metavar="PATH",
-                   help="checkpoint(s) or folder(s); several: an ensemble; default: the newest "
-                        "in --model-dir")
-    p.add_argument("--model-dir", default=MODEL_DIR, help="where to look for the newest checkpoint")
+    add_model_flags(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--image", nargs="+", metavar="PATH",
                       help="image files or folders to segment")
