@@ -49,20 +49,46 @@ def check_encoder(encoder):
                        f"(for example resnet18, resnet34, se_resnext50_32x4d, efficientnet-b3)")
 
 
-def build_model(encoder, encoder_weights=None, depth=5):
-    """smp.FPN with one output class (logits). `encoder_weights`: "imagenet", None or a path."""
+def fpn_arguments(depth):
+    # smp's FPN decoder output stride shrinks with the depth: this factor brings the mask
+    # back to the input size at depths 3, 4 and 5
+    return {"upsampling": 2 ** (depth - 3)}
+
+
+def unet_arguments(depth):
+    # one decoder stage per encoder stage: smp's default channels, the deepest ones dropped
+    return {"decoder_channels": (256, 128, 64, 32, 16)[5 - depth:]}
+
+
+def no_arguments(depth):
+    return {}
+
+
+# ARCH: the segmentation-models-pytorch class, and its arguments beyond the shared ones
+# (encoder_name, encoder_weights, encoder_depth, classes). A new one is a line here.
+ARCHITECTURES = {"FPN": fpn_arguments, "Unet": unet_arguments, "UnetPlusPlus": unet_arguments,
+                 "DeepLabV3Plus": no_arguments}
+
+
+def check_arch(arch):
+    if arch not in ARCHITECTURES:
+        raise SettingError(f"ARCH {arch!r} is not one of {', '.join(ARCHITECTURES)}")
+
+
+def build_model(encoder, encoder_weights=None, depth=5, arch="FPN"):
+    """The ARCH network of segmentation-models-pytorch with one output class (logits).
+    `encoder_weights`: "imagenet", None or a path."""
     import segmentation_models_pytorch as smp
 
+    check_arch(arch)
     check_encoder(encoder)
     hub = encoder_weights == "imagenet"
     if hub:
         check_hub(encoder)
     try:
-        model = smp.FPN(encoder_name=encoder, encoder_weights="imagenet" if hub else None,
-                        encoder_depth=depth, classes=1,
-                        # smp's decoder output stride shrinks with the depth: this factor
-                        # brings the mask back to the input size at depths 3, 4 and 5
-                        upsampling=2 ** (depth - 3))
+        model = getattr(smp, arch)(encoder_name=encoder,
+                                   encoder_weights="imagenet" if hub else None,
+                                   encoder_depth=depth, classes=1, **ARCHITECTURES[arch](depth))
     except (OSError, ConnectionError, RuntimeError) as exc:
         if not hub:
             raise
@@ -310,7 +336,7 @@ def checkpoint_record(model, settings, epoch, valid_iou):
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
         "model_state": {k.removeprefix("module."): v.detach().cpu()
                         for k, v in model.state_dict().items()},
-        "encoder": settings["encoder"], "encoder_depth": settings["encoder_depth"],
+        "arch": settings["arch"], "encoder": settings["encoder"], "encoder_depth": settings["encoder_depth"],
         "image_size": list(settings["image_size"]), "threshold": settings["threshold"],
         "interpolation": settings.get("interpolation", preprocess.INTERPOLATION),
         "mean": list(settings.get("mean", preprocess.IMAGENET_MEAN)),
@@ -389,7 +415,7 @@ def _load_failure(path, exc):
 def model_from_checkpoint(ckpt, path="checkpoint"):
     """Rebuild the FPN a checkpoint describes and load its weights."""
     try:
-        model = build_model(ckpt["encoder"], None, ckpt["encoder_depth"])
+        model = build_model(ckpt["encoder"], None, ckpt["encoder_depth"], ckpt["arch"])
         model.load_state_dict(ckpt["model_state"])
     except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
         # SettingError (an unknown recorded encoder) is a ValueError

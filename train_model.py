@@ -23,7 +23,8 @@ from pathlib import Path
 # ----------------------------------------------------------------------------- settings
 DATA_DIR = "data"                  # folder with the ISIC folders (see data/README.md)
 MODEL_DIR = "Model"                # checkpoints, per-epoch CSV and curves go here
-ENCODER = "se_resnext50_32x4d"     # FPN encoder; the paper's code used se_resnext50_32x4d
+ARCH = "FPN"                       # network: "FPN" (the paper's), "Unet", "UnetPlusPlus", ...
+ENCODER = "se_resnext50_32x4d"     # encoder; the paper's code used se_resnext50_32x4d
 ENCODER_WEIGHTS = "imagenet"       # "imagenet" (downloaded), None (from scratch) or a local file
 ENCODER_DEPTH = 5                  # down-sampling stages: image sides must be multiples of 2**5
 IMAGE_SIZE = (320, 320)            # (height, width) every image is resized to
@@ -94,7 +95,7 @@ CHANGEABLE = ("EPOCHS",  # to extend a run
               "DATA_DIR")  # a moved or copied data folder: the split's digest must still match
 FLAG_NAMES = {"DATA_DIR": "--data"}  # flags not named after their constant
 METAVARS = {"IMAGE_SIZE": ("H", "W"), "MEAN": ("R", "G", "B"), "STD": ("R", "G", "B")}
-CHOICES = {"LOSS": model_lib.LOSSES, "AUGMENT": preprocess.AUGMENTS,
+CHOICES = {"ARCH": tuple(model_lib.ARCHITECTURES), "LOSS": model_lib.LOSSES, "AUGMENT": preprocess.AUGMENTS,
            "DEVICE": model_lib.DEVICES}
 
 
@@ -399,7 +400,8 @@ def start_training(args, state, paths, device):
     """(model, optimizer, scaler, progress) for a new run, or as the resume state left them."""
     torch.manual_seed(args.seed)
     if state is None:
-        model = model_lib.build_model(args.encoder, args.encoder_weights, args.encoder_depth)
+        model = model_lib.build_model(args.encoder, args.encoder_weights, args.encoder_depth,
+                                      args.arch)
     else:
         model = model_lib.model_from_checkpoint(state, paths["last"])
     optimizer = make_optimizer(model, args.lr, device)
@@ -568,7 +570,7 @@ def run(args):
     if args.lr_drop_epoch >= args.epochs:
         print(f"note: LR_DROP_EPOCH={args.lr_drop_epoch} is not before the last epoch "
               f"({args.epochs}): the learning rate stays {args.lr:g}")
-    record = {"encoder": args.encoder, "encoder_depth": args.encoder_depth,
+    record = {"arch": args.arch, "encoder": args.encoder, "encoder_depth": args.encoder_depth,
               "image_size": args.image_size, "interpolation": preprocess.INTERPOLATION,
               "mean": args.mean, "std": args.std, "threshold": args.threshold,
               "demo": args.demo, "data": args.data, "split_file": split_file,
