@@ -1,15 +1,15 @@
 """Export a trained model to one ONNX file that takes a raw image and returns its mask.
 
-    python export_model.py --checkpoint Model/demo/resnet18.pth      # -> Model/demo/resnet18.onnx
+    python export_model.py --checkpoint Model/demo/demo_fpn_resnet18.pth   # -> ...resnet18.onnx
     python export_model.py --checkpoint Model/ --tta flips           # an ensemble, flipped views
-    python export_model.py --info Model/demo/resnet18.onnx           # what a file holds
+    python export_model.py --info Model/demo/demo_fpn_resnet18.onnx  # what a file holds
 
 The graph's input is one RGB image, uint8 (H, W, 3), of any size; its outputs are the lesion
 probability (H, W) float32 and the mask (H, W) uint8 0/255, both at the image's own size.
 Inside it are the steps test_model.py takes: the resize to each member's network size with its
 interpolation (OpenCV's area averaging, rounded to uint8, as in training), the mean and std,
-the FPN, the sigmoid, the mean over test-time views and ensemble members, the linear resize
-back and the threshold. Only the FPN is traced, at its fixed network size; every step that
+the network, the sigmoid, the mean over test-time views and ensemble members, the linear
+resize back and the threshold. Only the network is traced, at its fixed network size; every step that
 depends on the image's size is written here as ONNX operators that read it when the graph
 runs. Edit the constants below, or pass the matching flag.
 """
@@ -19,24 +19,40 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
+import device as device_lib
+import predict
+import preprocess
+import settings as settings_lib
+from checkpoint import CheckpointError, input_settings
+from predict import UsageError
+from settings import Setting, SettingError
+
 # ----------------------------------------------------------------------------- settings
-MODEL_DIR = "Model"                # the newest *.pth under it is the default checkpoint
-CHECKPOINT = None                  # checkpoint path(s) or folder(s): several are an ensemble
-OUT = None                         # None: <encoder>.onnx beside the (first) checkpoint
-TTA = "none"                       # test-time views inside the graph: "none" or "flips"
-THRESHOLD = None                   # None: the threshold stored in the (first) checkpoint
-OPSET = 20                         # ONNX opset of the graph (onnxruntime >= 1.18 runs it)
-CHECK_SIZE = (200, 300)            # (height, width) of the generated image the export is
-                                   #   checked on against PyTorch; unlike any network size
+MODEL_DIR = "Model"
+CHECKPOINT = None
+OUT = None                         # None: <run name>.onnx beside the (first) checkpoint
+TTA = "none"
+THRESHOLD = None                   # None: the checkpoint's
+OPSET = 20                         # onnxruntime >= 1.18 runs it
+CHECK_SIZE = (200, 300)            # (height, width), unlike any network size
+
+SETTINGS = [  # every one is a flag (settings.py)
+    Setting("MODEL_DIR", "where the default checkpoint (the newest best model) is looked for"),
+    Setting("CHECKPOINT", "checkpoint file(s) or folder(s); several: an ensemble in one graph",
+            nargs="+", metavar="PATH"),
+    Setting("OUT", "the ONNX file to write; default: <run name>.onnx beside the (first) "
+            "checkpoint"),
+    Setting("TTA", "test-time views inside the graph", choices=("none", "flips")),
+    Setting("THRESHOLD", "mask cut; default: the one stored in the (first) checkpoint",
+            type=float),
+    Setting("OPSET", "ONNX opset of the graph"),
+    Setting("CHECK_SIZE", "(height, width) of the generated image the export is checked on "
+            "against PyTorch", metavar=("H", "W")),
+]
 # ---------------------------------------------------------------------------------------
-
-import numpy as np  # noqa: E402  (the settings above come first, as a reader looks for them)
-import torch  # noqa: E402
-
-import model as model_lib  # noqa: E402
-import preprocess  # noqa: E402
-import test_model  # noqa: E402
-from model import CheckpointError, SettingError  # noqa: E402
 
 TTAS = ("none", "flips")  # views the graph can hold (rot90 would need a square size)
 
@@ -329,14 +345,14 @@ def resize_back(g, prob, hw):
 
 # ----------------------------------------------------------------------------- export
 
-def export_network(net, size_hw):
+def export_network(net, size_hw, opset=OPSET):
     """The FPN as ONNX at its network size with a free batch dimension (for the views)."""
     import warnings
     x = torch.zeros(1, 3, *size_hw)
     batch = torch.export.Dim("views", min=1, max=64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(net.eval(), (x,), dynamo=True, opset_version=OPSET,
+        program = torch.onnx.export(net.eval(), (x,), dynamo=True, opset_version=opset,
                                     input_names=["x"], output_names=["logits"],
                                     dynamic_shapes=({0: batch},), verbose=False)
     return program.model_proto
@@ -351,34 +367,30 @@ def sha256(path):
 
 
 def member_record(ckpt, path):
-    """The plain values of a checkpoint the ONNX file keeps (test_model.py reads them)."""
-    settings = model_lib.input_settings(ckpt)
-    return {"file": Path(path).name, "sha256": sha256(path), "encoder": ckpt["encoder"],
-            "encoder_depth": ckpt["encoder_depth"], "image_size": list(settings.size_hw),
-            "interpolation": settings.interpolation, "mean": list(settings.mean),
-            "std": list(settings.std), "threshold": ckpt.get("threshold", 0.5),
+    """A checkpoint without its weights, as the ONNX file keeps it (predict.OnnxPredictor
+    reads it as it reads a checkpoint), with the source file's name and SHA-256."""
+    return {"file": Path(path).name, "sha256": sha256(path), "settings": ckpt["settings"],
             "epoch": ckpt.get("epoch"), "valid_iou": ckpt.get("valid_iou"),
-            "recipe": ckpt.get("recipe", {}), "demo": ckpt.get("demo", False),
-            "data_dir": ckpt.get("data_dir"), "split_file": ckpt.get("split_file"),
-            "seed": ckpt.get("seed"), "fold": ckpt.get("fold"), "folds": ckpt.get("folds", 1)}
+            "split_file": ckpt.get("split_file")}
 
 
-def build(members, tta="none", threshold=None):
+def build(members, tta="none", threshold=None, opset=OPSET):
     """ONNX ModelProto of the whole way from image to mask for [(model, ckpt, path)]."""
     import onnx
     from onnx import TensorProto, helper
 
     if tta not in TTAS:
         raise SettingError(f"TTA={tta!r}: the ONNX graph holds {' or '.join(TTAS)}")
-    threshold = float(members[0][1].get("threshold", 0.5) if threshold is None else threshold)
+    threshold = float(members[0][1]["settings"]["threshold"] if threshold is None
+                      else threshold)
     if not 0.0 < threshold < 1.0:
         raise SettingError(f"THRESHOLD={threshold} must lie strictly between 0 and 1")
     g = Graph()
     image = "image"
     groups = {}  # members sharing input settings: their mean commutes with the linear resize
     for index, (net, ckpt, _) in enumerate(members):
-        settings = model_lib.input_settings(ckpt)
-        proto = export_network(net.cpu(), settings.size_hw)
+        settings = input_settings(ckpt)
+        proto = export_network(net.cpu(), settings.size_hw, opset)
         prob = member_probability(g, proto, settings, image, tta, f"m{index}_")
         groups.setdefault(settings, []).append(prob)
     total, hw = None, output_hw(g, image)
@@ -399,30 +411,30 @@ def build(members, tta="none", threshold=None):
                                        ["out_height", "out_width"]),
          helper.make_tensor_value_info("mask", TensorProto.UINT8, ["out_height", "out_width"])],
         g.inits + [onnx.numpy_helper.from_array(np.zeros(2, np.int64), "output_size")])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="export_model.py")
     proto.ir_version = 10  # onnxruntime >= 1.20 reads it
     records = [member_record(ckpt, path) for _, ckpt, path in members]
-    metadata = metadata_of(records, tta, threshold)
+    metadata = metadata_of(records, tta, threshold, opset)
     onnx.helper.set_model_props(proto, metadata)
     return proto
 
 
-def metadata_of(records, tta, threshold):
-    first = records[0]
+def metadata_of(records, tta, threshold, opset):
+    runs = [r["settings"] for r in records]
     return {
-        "format": model_lib.ONNX_FORMAT, "version": str(model_lib.ONNX_VERSION),
-        "encoder": ",".join(r["encoder"] for r in records),
-        "network_size": ",".join(f"{r['image_size'][0]}x{r['image_size'][1]}" for r in records),
-        "interpolation": ",".join(r["interpolation"] for r in records),
-        "mean": json.dumps([r["mean"] for r in records]),
-        "std": json.dumps([r["std"] for r in records]),
+        "format": predict.ONNX_FORMAT, "version": str(predict.ONNX_VERSION),
+        "arch": ",".join(r["arch"] for r in runs),
+        "encoder": ",".join(r["encoder"] for r in runs),
+        "network_size": ",".join(f"{r['image_size'][0]}x{r['image_size'][1]}" for r in runs),
+        "interpolation": ",".join(r["interpolation"] for r in runs),
+        "mean": json.dumps([r["mean"] for r in runs]),
+        "std": json.dumps([r["std"] for r in runs]),
         "threshold": repr(threshold), "tta": tta,
         "views": str(4 if tta == "flips" else 1),
-        "recipe": json.dumps(first["recipe"] if len(records) == 1
-                             else [r["recipe"] for r in records]),
+        "recipe": json.dumps(runs),  # each member's settings
         "sources": json.dumps([{"file": r["file"], "sha256": r["sha256"]} for r in records]),
-        "members": json.dumps(records), "opset": str(OPSET),
+        "members": json.dumps(records), "opset": str(opset),
         "input": "image: uint8 (height, width, 3) RGB; optional output_size: int64 (2,), "
                  "the (height, width) of the outputs when not the image's own",
         "outputs": "probability: float32 (height, width); mask: uint8 (height, width) 0/255",
@@ -437,11 +449,11 @@ def torch_probability(members, image, tta="none", precision=(False, False)):
     channels_last?), float32 by default, as the graph computes."""
     maps = []
     for net, ckpt, _ in members:
-        settings = model_lib.input_settings(ckpt)
+        settings = input_settings(ckpt)
         small, _ = preprocess.resize_pair(image, None, settings.size_hw, settings.interpolation)
         x = preprocess.to_tensor(small, settings.mean, settings.std)[None]
-        prob = model_lib.tta_probabilities(net, x, torch.device("cpu"), tta,
-                                           *precision)[0].numpy()
+        prob = predict.tta_probabilities(net, x, torch.device("cpu"), tta,
+                                         *precision)[0].numpy()
         maps.append(preprocess.prob_to_original(prob, image.shape[:2]))
     return maps[0] if len(maps) == 1 else np.mean(maps, axis=0)
 
@@ -469,8 +481,8 @@ def compare(session, members, tta, image):
 # ----------------------------------------------------------------------------- command line
 
 def info_lines(path):
-    meta = model_lib.onnx_metadata(path)
-    keys = ("encoder", "network_size", "interpolation", "mean", "std", "threshold", "tta",
+    meta = predict.onnx_metadata(path)
+    keys = ("arch", "encoder", "network_size", "interpolation", "mean", "std", "threshold", "tta",
             "views", "recipe", "opset", "input", "outputs")
     lines = [f"{path}: made by export_model.py (format {meta['format']} "
              f"version {meta['version']})"]
@@ -481,49 +493,43 @@ def info_lines(path):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    test_model.add_model_flags(p, CHECKPOINT, MODEL_DIR)
-    p.add_argument("--out", default=OUT, help="ONNX file to write")
-    p.add_argument("--tta", default=TTA, choices=TTAS, help="test-time views in the graph")
-    p.add_argument("--threshold", type=float, default=THRESHOLD,
-                   help="mask cut; default: the checkpoint's")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    settings_lib.add_flags(p, SETTINGS, globals())
     p.add_argument("--info", metavar="FILE.onnx", help="print what an exported file holds")
-    return p.parse_args(argv)
+    return settings_lib.parse(p, SETTINGS, globals(), argv)[0]
 
 
 def export(args):
     import onnx
 
     if any(str(p).lower().endswith(".onnx") for p in args.checkpoint or []):
-        raise test_model.UsageError("--checkpoint takes the .pth checkpoint(s) an ONNX file "
+        raise UsageError("--checkpoint takes the .pth checkpoint(s) an ONNX file "
                                     "is exported from; --info FILE.onnx shows an exported one")
-    predictor = test_model.load_predictor(args.checkpoint, args.model_dir,
-                                          torch.device("cpu"))
-    # traced as float32 in the default memory format, whatever inference here runs in
+    # traced on the CPU, in float32 and the default memory format, whatever inference here
+    # runs in
+    predictor = predict.load_predictor(args.checkpoint, args.model_dir,
+                                       device_lib.Compute(torch.device("cpu")))
     members = [(net.to(memory_format=torch.contiguous_format), ckpt, path)
                for net, ckpt, path in predictor.members]
-    first = members[0][1]
-    out = Path(args.out) if args.out else Path(predictor.path).with_name(
-        f"{first['encoder']}.onnx")
-    proto = build(members, args.tta, args.threshold)
+    out = Path(args.out) if args.out else Path(predictor.path).with_suffix(".onnx")
+    proto = build(members, args.tta, args.threshold, args.opset)
     onnx.checker.check_model(proto, full_check=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         print(f"note: replacing {out}")
     with preprocess.atomic_write(out) as tmp:
         onnx.save_model(proto, str(tmp))
-    session = model_lib.onnx_session(out)
-    diff, share = compare(session, members, args.tta, check_image(CHECK_SIZE))
+    session = predict.onnx_session(out)
+    diff, share = compare(session, members, args.tta, check_image(args.check_size))
     for _, _, path in members:
         print(f"checkpoint: {path}")
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {OPSET}, views "
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {args.opset}, views "
           f"{args.tta}); onnx.checker passed; onnxruntime vs PyTorch on a "
-          f"{CHECK_SIZE[1]}x{CHECK_SIZE[0]} test image: largest probability difference "
+          f"{args.check_size[1]}x{args.check_size[0]} test image: largest probability difference "
           f"{diff:.1e}, {share:.3%} of mask pixels differ")
     print(f"use it: python test_model.py --checkpoint {out} --image IMAGE; from Python, "
           f"onnxruntime.InferenceSession('{out.name}').run(None, {{'image': rgb_uint8_hw3}}) "
-          f"gives [probability, mask]; README, \"Deploying a model\"")
+          f"gives [probability, mask]; docs/deployment.md")
     return out
 
 
@@ -535,7 +541,7 @@ def main(argv=None):
             return 0
         export(args)
         return 0
-    except (test_model.UsageError, CheckpointError, SettingError) as exc:
+    except (UsageError, CheckpointError, SettingError) as exc:
         sys.exit(f"error: {exc}")
     except OSError as exc:
         sys.exit(f"error: {exc}")

@@ -240,8 +240,8 @@ def calibration_level(confidence, iou, catch=0.9):
 # A confidence comes from the model's own output, never from the truth. Each candidate reads
 # `maps`, the (V, h, w) probability maps at network size behind one image: every member of
 # an ensemble, each under the 4 flip views (identity first, then horizontal, vertical, both),
-# member after member. Which one test_model.py reports was chosen by measurement: README,
-# "Which masks to distrust".
+# member after member. Which one test_model.py reports was chosen by measurement
+# (docs/evaluation.md).
 
 FLIP_VIEWS = 4  # views per member in `maps`
 
@@ -307,7 +307,7 @@ def confidence_candidates(maps, threshold=0.5):
 CANDIDATES = ("soft_iou", "soft_iou_flips", "view_agreement", "mask_agreement",
               "soft_iou_x_agreement", "soft_iou_largest", "member_agreement",
               "soft_iou_x_members")
-CONFIDENCE = "soft_iou_largest"  # the candidate reported as "confidence" (measured: README)
+CONFIDENCE = "soft_iou_largest"  # the candidate reported as "confidence" (measured: docs/evaluation.md)
 
 
 INTERVAL_SCORES = ("iou", "dice", "threshold_jaccard")  # the means reported with an interval

@@ -16,150 +16,77 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import checkpoint as ckpt_lib
+import device as device_lib
+import load_dataset
+import metrics
+import predict
+import preprocess
+import report
+import settings as settings_lib
+from checkpoint import CheckpointError
+from predict import OnnxPredictor, Predictor, UsageError, load_predictor
+from settings import Setting, SettingError
+
 # ----------------------------------------------------------------------------- settings
-MODEL_DIR = "Model"                # where the default checkpoint is looked for (see CHECKPOINT)
-CHECKPOINT = None                  # checkpoint path(s) or folder(s): several are an ensemble
-                                   #   (mean probability); None: the newest best model under
-                                   #   MODEL_DIR, one on real data before a demo model
-EVALUATE_SPLIT = "test"            # split scored by --evaluate
-ANALYSIS_SPLIT = "valid"           # split of --threshold-analysis (never tune on test)
-THRESHOLD = None                   # None: the threshold stored in the checkpoint (train_model's)
-TTA = "none"                       # test-time views averaged: "none", "flips", "flips+rot90"
-POSTPROCESS = False                # keep the largest lesion region, holes filled
-THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95, the analysis grid
-BEST_BY = "iou"                    # score the analysis maximises: "iou" or "threshold_jaccard"
-HISTOGRAM_BINS = 100               # bins of the probability histogram over [0, 1]
-BATCH_SIZE = 8                     # images per forward pass in --evaluate / --threshold-analysis
-WORKERS = min(4, os.cpu_count() or 1)  # loader processes decoding images beside the model
-SEED = None                        # seed of the random test image; None: a new one every run
-DEVICE = "auto"                    # "auto" (CUDA when present), "cuda" or "cpu"
-MIXED_PRECISION = True             # autocast on CUDA and on CPUs with native bfloat16;
-                                   #   probabilities are taken in float32
-CHANNELS_LAST = True               # channels_last memory format, on CUDA and under CPU bfloat16
-CUDNN_BENCHMARK = True             # CUDA: let cuDNN pick the fastest kernels for the input size
-FIGURE_MAX_SIDE = 1024             # bigger images are shrunk to this for the overlay figure
+MODEL_DIR = "Model"
+CHECKPOINT = None
+EVALUATE_SPLIT = "test"
+ANALYSIS_SPLIT = "valid"           # never tune on test
+THRESHOLD = None                   # None: the checkpoint's
+TTA = "none"
+POSTPROCESS = False
+THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
+BEST_BY = "iou"
+BATCH_SIZE = 8
+WORKERS = min(4, os.cpu_count() or 1)
+SEED = None                        # None: a new random test image every run
+DEVICE = "auto"
+MIXED_PRECISION = True
+CHANNELS_LAST = True
+CUDNN_BENCHMARK = True
+
+SETTINGS = [  # every one is a flag (settings.py); none is recorded anywhere
+    Setting("MODEL_DIR", "where the default checkpoint is looked for"),
+    Setting("CHECKPOINT", "checkpoint file(s) or folder(s), or one .onnx file; several: an "
+            "ensemble (mean probability); default: the newest best model under --model-dir, "
+            "one on real data before a demo model", nargs="+", metavar="PATH"),
+    Setting("EVALUATE_SPLIT", "split scored by --evaluate when --split is not given",
+            choices=("test", "valid", "train")),
+    Setting("ANALYSIS_SPLIT", "split of --threshold-analysis when --split is not given",
+            choices=("test", "valid", "train")),
+    Setting("THRESHOLD", "lesion probability cut; default: the one stored in the checkpoint",
+            type=float),
+    Setting("TTA", "test-time views whose probabilities are averaged",
+            choices=predict.TTA_MODES),
+    Setting("POSTPROCESS", "keep the largest lesion region, holes filled"),
+    Setting("THRESHOLDS", "the grid of --threshold-analysis", nargs="+", metavar="T"),
+    Setting("BEST_BY", "score --threshold-analysis maximises",
+            choices=("iou", "threshold_jaccard")),
+    Setting("BATCH_SIZE", "images per forward pass over a split"),
+    Setting("WORKERS", "loader processes decoding images beside the model"),
+    Setting("SEED", "seed of the random test image", type=int),
+    Setting("DEVICE", '"auto" (CUDA when present), "cuda" or "cpu"',
+            choices=device_lib.DEVICES),
+    Setting("MIXED_PRECISION", "autocast on CUDA and on CPUs with native bfloat16 "
+            "(probabilities in float32)"),
+    Setting("CHANNELS_LAST", "channels_last memory format, on CUDA and under CPU bfloat16"),
+    Setting("CUDNN_BENCHMARK", "CUDA: let cuDNN pick the fastest kernels for the input size"),
+]
 # ---------------------------------------------------------------------------------------
 
-import cv2  # noqa: E402  (the settings above come first, as a reader looks for them)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import load_dataset  # noqa: E402
-import metrics  # noqa: E402
-import model as model_lib  # noqa: E402
-import preprocess  # noqa: E402
-import report  # noqa: E402
-from model import CheckpointError, SettingError  # noqa: E402
-
+HISTOGRAM_BINS = 100  # bins of the probability histogram over [0, 1]
+FIGURE_MAX_SIDE = 1024  # bigger images are shrunk to this for the overlay figure
 NOT_IMAGES = ("_segmentation", "_mask", "_superpixels", "_overlay")  # stems skipped in folders
 
 
-class UsageError(ValueError):
-    """A problem the user can fix; shown as one line."""
-
-
 # ----------------------------------------------------------------------------- model
-
-def find_checkpoint(model_dir):
-    """(the default checkpoint, why it was picked): the newest best model under model_dir,
-    one trained on real data before a demo model (resume states are never picked)."""
-    found = [p for p in Path(model_dir).rglob("*.pth") if not model_lib.is_resume_state(p)]
-    if not found:
-        raise UsageError(f"no checkpoint (*.pth) under {model_dir}/: train one first with "
-                         f"`python train_model.py` (or `python train_model.py --demo`), "
-                         f"or pass --checkpoint PATH")
-    real = [p for p in found if not model_lib.checkpoint_fields(p, ("demo",)).get("demo")]
-    newest = max(real or found, key=lambda p: p.stat().st_mtime)
-    why = (f"the newest of {len(found)} best model(s) under {model_dir}/"
-           + ("" if real or len(found) == 1 else ", all of them demo models")
-           + (", demo models left aside" if real and len(real) < len(found) else "")
-           + "; --checkpoint picks another")
-    return newest, why
-
-
-def predict_batch(model, images, device, tta="none"):
-    """Probabilities (N, h, w) float32 numpy at network size for a (N, 3, H, W) batch."""
-    channels_last = model_lib.use_channels_last(device, CHANNELS_LAST, MIXED_PRECISION)
-    return model_lib.tta_probabilities(model, images, device, tta, MIXED_PRECISION,
-                                       channels_last).cpu().numpy()
-
-
-def predict(model, ckpt, image_path, device, exif=True, hw=None, tta="none"):
-    """Probability map (float32) of one image at its size as read (or at `hw`)."""
-    settings = model_lib.input_settings(ckpt)
-    tensor, read_hw = preprocess.eval_input(image_path, settings, exif=exif)
-    return preprocess.prob_to_original(predict_batch(model, tensor, device, tta)[0],
-                                       hw or read_hw)
-
-
-class Predictor:
-    """One checkpoint, or an ensemble of several, with test-time views: the mean lesion
-    probability over every member and view, each member with its own preprocessing."""
-    why = "given by --checkpoint"  # how the checkpoint was chosen, for the console
-
-    def __init__(self, members, device, tta="none"):
-        self.members = list(members)  # [(model, checkpoint dict, path)]
-        self.device, self.tta = device, tta
-        self.ckpt, self.path = self.members[0][1], self.members[0][2]
-        self.settings = model_lib.input_settings(self.ckpt)
-
-    def name(self):
-        return Path(self.path).name if len(self.members) == 1 else \
-            f"ensemble of {len(self.members)} ({Path(self.path).parent})"
-
-    def describe(self):
-        """What a result names beside its scores: the models, their encoders and sizes, and
-        the data they were trained on."""
-        return {"models": [{"checkpoint": str(path), "encoder": ckpt.get("encoder"),
-                            "image_size": list(ckpt.get("image_size", [])),
-                            "epoch": ckpt.get("epoch"), "trained_on": ckpt.get("data_dir")}
-                           for _, ckpt, path in self.members]}
-
-    def batch(self, images, pairs):
-        """A map per image of the loader's batch of `pairs`, for preprocess.prob_to_original:
-        the members' mean at network size when every member shares the first one's input
-        settings (the mean and the linear resize commute), else a tuple of each member's map
-        at its own size, averaged once each is resized to the original size, as image() does."""
-        per_member, shared = [], True
-        for model, ckpt, _ in self.members:
-            settings = model_lib.input_settings(ckpt)
-            shared = shared and settings == self.settings
-            x = images if settings == self.settings else torch.cat(
-                [preprocess.eval_input(p.image, settings, p.exif)[0] for p in pairs])
-            per_member.append(predict_batch(model, x, self.device, self.tta))
-        if shared:
-            return list(np.mean(per_member, axis=0))
-        return list(zip(*per_member))
-
-    def image(self, image_path, exif=True, hw=None):
-        maps = [predict(model, ckpt, image_path, self.device, exif, hw, self.tta)
-                for model, ckpt, _ in self.members]
-        return maps[0] if len(maps) == 1 else np.mean(maps, axis=0)
-
-
-def load_predictor(paths, model_dir, device, tta="none"):
-    """A Predictor of the checkpoint files given (a folder: its best models), else the newest.
-    An ONNX file of export_model.py runs through onnxruntime (model.OnnxPredictor)."""
-    if any(str(p).lower().endswith(".onnx") for p in paths or []):
-        if len(paths) > 1:
-            raise UsageError("an ONNX file holds its whole ensemble: give it alone")
-        return model_lib.OnnxPredictor(paths[0], tta)
-    files = []
-    for path in map(Path, paths or []):
-        files += model_lib.best_models(path) if path.is_dir() else [path]
-    if paths and not files:
-        raise UsageError(f"no checkpoint (*.pth) in {' '.join(map(str, paths))}")
-    why = "given by --checkpoint"
-    if not files:
-        newest, why = find_checkpoint(model_dir)
-        files = [newest]
-    members = [(*model_lib.load_model(p, device, CHANNELS_LAST, MIXED_PRECISION), p)
-               for p in files]
-    predictor = Predictor(members, device, tta)
-    predictor.why = why
-    return predictor
 
 
 def finish_mask(prob, threshold, postprocess):
@@ -198,7 +125,6 @@ def image_files(paths):
 
 
 IMAGE_FOLDER = re.compile(r"image|input|img", re.I)  # the images half of an images/masks pair
-OLD_CHECKPOINT_SEED = 42  # the SEED of runs saved before checkpoints recorded theirs
 
 
 def true_mask_of(image):
@@ -237,13 +163,13 @@ def unique_names(paths):
 
 def data_dir_of(ckpt, data):
     """The data folder to score: --data, else the one the checkpoint was trained on."""
-    return Path(data or ckpt.get("data_dir") or load_dataset.DATA_DIR)
+    return Path(data or ckpt["settings"]["data"])
 
 
 def scored_folder(predictor, data, split):
     """<split>, or <split>_<data folder name> for data other than the checkpoint's own: the
     results of two datasets never share a folder."""
-    own = predictor.ckpt.get("data_dir")
+    own = predictor.ckpt["settings"]["data"]
     if data is None or (own and Path(data).resolve() == Path(own).resolve()):
         return split
     return f"{split}_{Path(data).resolve().name}"
@@ -262,10 +188,10 @@ def load_split(ckpt, data, split):
         where = "given by --data" if data else "recorded in the checkpoint"
         raise UsageError(f"no image/mask pairs under {data_dir} (the data folder {where}); "
                          f"pass --data DIR")
-    seed = OLD_CHECKPOINT_SEED if ckpt.get("seed") is None else ckpt["seed"]
-    splits = load_dataset.split_pairs(found, seed=seed, split_file=split_file)
-    if ckpt.get("fold") is not None:
-        splits = load_dataset.fold_splits(found, splits, ckpt["folds"], ckpt["fold"], seed,
+    run = ckpt["settings"]
+    splits = load_dataset.split_pairs(found, seed=run["seed"], split_file=split_file)
+    if run["fold"] is not None:
+        splits = load_dataset.fold_splits(found, splits, run["folds"], run["fold"], run["seed"],
                                           split_file)
     pairs = splits[split]
     if not pairs:
@@ -398,6 +324,11 @@ def report_replaced(out, names):
         print(f"note: replacing {len(replaced)} earlier result file(s) in {out}")
 
 
+def network_names(members):
+    """"FPN resnet18" of each member (one line for an ensemble)."""
+    return ", ".join(f"{c['settings']['arch']} {c['settings']['encoder']}" for _, c, _ in members)
+
+
 # ----------------------------------------------------------------------------- a whole split
 
 def confidence_maps(predictor, images, pairs):
@@ -406,17 +337,20 @@ def confidence_maps(predictor, images, pairs):
     views, whatever test-time views the prediction itself uses."""
     cuda = predictor.device.type == "cuda"
     size = tuple(predictor.settings.size_hw)
-    if isinstance(predictor, model_lib.OnnxPredictor):
+    if isinstance(predictor, OnnxPredictor):
         return onnx_confidence_maps(predictor, [predictor.image(p.image, p.exif) for p in pairs])
     per_member = []
     for model, ckpt, _ in predictor.members:
-        settings = model_lib.input_settings(ckpt)
+        settings = ckpt_lib.input_settings(ckpt)
         x = images if settings == predictor.settings else torch.cat(
             [preprocess.eval_input(p.image, settings, p.exif)[0] for p in pairs])
         views = []
-        for forward, inverse in model_lib.tta_views("flips", True):
-            probs = model_lib.probabilities(model, forward(x), predictor.device,
-                                            MIXED_PRECISION and cuda, CHANNELS_LAST and cuda)
+        for forward, inverse in predict.tta_views("flips", True):
+            # in float32 on the CPU, whatever the prediction's precision: the confidence was
+            # measured so (docs/evaluation.md)
+            probs = predict.probabilities(model, forward(x), predictor.device,
+                                          predictor.compute.mixed and cuda,
+                                          predictor.compute.channels_last and cuda)
             views.append(inverse(probs[:, None])[:, 0].cpu().numpy())
         maps = np.stack(views, 1)
         if maps.shape[-2:] != size:  # a member of another size: brought to the first's
@@ -452,7 +386,7 @@ def split_probabilities(predictor, pairs, batch_size, workers, desc, confidence=
             images, _, ids, truths = batch
             probs = predictor.batch(images, [by_id[i] for i in ids])
             maps = None
-            if confidence and isinstance(predictor, model_lib.OnnxPredictor):
+            if confidence and isinstance(predictor, OnnxPredictor):
                 maps = onnx_confidence_maps(predictor, probs)  # the graph's maps, not rerun
             elif confidence:
                 maps = confidence_maps(predictor, images, [by_id[i] for i in ids])
@@ -479,16 +413,7 @@ def evaluate_split(predictor, pairs, out, threshold, scoring=None):
     report.html with a thumbnail of every image in <out>/thumbnails."""
     scoring = scoring or Scoring()
     split, workers, postprocess = scoring.split, scoring.workers, scoring.postprocess
-    mask_dir, thumb_dir = out / "masks", out / "thumbnails"
-    mask_dir.mkdir(parents=True, exist_ok=True)
-    thumb_dir.mkdir(exist_ok=True)
-    old = list(mask_dir.glob("*_segmentation.png"))
-    if old or (out / "summary.json").exists():
-        print(f"note: replacing the earlier evaluation in {out} ({len(old)} masks)")
-    for path in old + list(thumb_dir.glob("*.jpg")):  # a stale mask would be scored as this run's
-        path.unlink()
-    if any(not load_dataset.ISIC_ID.search(p.id) for p in pairs):
-        print("note: some ids hold no ISIC_<7 digits> id; the official scorer cannot match them")
+    mask_dir, thumb_dir = clear_evaluation(out, pairs)
 
     def score(pair, prob, bits, hw, maps):
         truth = preprocess.unpack_truth(bits, hw)
@@ -516,25 +441,49 @@ def evaluate_split(predictor, pairs, out, threshold, scoring=None):
     preprocess.write_csv(out / "per_image.csv", rows, ["id", *metrics.SCORE_NAMES,
                                                        "predicted_area", "true_area",
                                                        *CONFIDENCE_COLUMNS])
+    return write_summary(predictor, out, (rows, counts, exact, len(pairs)), scoring, threshold)
+
+
+def clear_evaluation(out, pairs):
+    """(masks folder, thumbnails folder) of an evaluation in `out`, emptied of an earlier
+    run's files: a stale mask would be scored as this run's."""
+    mask_dir, thumb_dir = out / "masks", out / "thumbnails"
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    thumb_dir.mkdir(exist_ok=True)
+    old = list(mask_dir.glob("*_segmentation.png"))
+    if old or (out / "summary.json").exists():
+        print(f"note: replacing the earlier evaluation in {out} ({len(old)} masks)")
+    for path in old + list(thumb_dir.glob("*.jpg")):
+        path.unlink()
+    if any(not load_dataset.ISIC_ID.search(p.id) for p in pairs):
+        print("note: some ids hold no ISIC_<7 digits> id; the official scorer cannot match them")
+    return mask_dir, thumb_dir
+
+
+def write_summary(predictor, out, results, scoring, threshold):
+    """summary.json and report.html of an evaluation; `results`: (the CSV's rows, each image's
+    confusion counts, each image's exact scores and confidence candidates, the split's size)."""
+    rows, counts, exact, split_size = results
+    members = predictor.members
     summary = metrics.mean_scores(counts)
-    summary.update(data=scoring.data, split=split, split_size=len(pairs), checkpoint=[str(p) for _, _, p in predictor.members]
-                   if len(predictor.members) > 1 else str(predictor.path),
-                   epoch=predictor.ckpt.get("epoch"), recipe=[c.get("recipe") for _, c, _ in
-                                                               predictor.members]
-                   if len(predictor.members) > 1 else predictor.ckpt.get("recipe"),
-                   threshold=threshold, tta=predictor.tta, postprocess=postprocess,
+    summary.update(data=scoring.data, split=scoring.split, split_size=split_size,
+                   checkpoint=[str(p) for _, _, p in members] if len(members) > 1
+                   else str(predictor.path),
+                   epoch=[c.get("epoch") for _, c, _ in members] if len(members) > 1
+                   else predictor.ckpt.get("epoch"),
+                   settings=[c["settings"] for _, c, _ in members] if len(members) > 1
+                   else predictor.ckpt["settings"],
+                   threshold=threshold, tta=predictor.tta, postprocess=scoring.postprocess,
                    **predictor.describe())
-    if len(predictor.members) > 1:
-        summary["epoch"] = [c.get("epoch") for _, c, _ in predictor.members]
     summary.update(metrics.judge(exact))
     preprocess.write_text(out / "summary.json", json.dumps(summary, indent=1))
-    level = predictor.ckpt.get("confidence", {}).get("level") \
-        if len(predictor.members) == 1 else None
-    report.write_evaluation(out, rows, summary, f"{predictor.name()}: {split} split", [
+    level = predictor.ckpt.get("confidence", {}).get("level") if len(members) == 1 else None
+    report.write_evaluation(out, rows, summary, f"{predictor.name()}: {scoring.split} split", [
         ("checkpoint", summary["checkpoint"]), ("epoch", summary["epoch"]),
-        ("recipe", summary["recipe"]), ("data", scoring.data), ("split", f"{split}, {len(rows)} images"),
+        ("network", network_names(members)), ("settings", summary["settings"]),
+        ("data", scoring.data), ("split", f"{scoring.split}, {len(rows)} images"),
         ("threshold", threshold), ("test-time views", predictor.tta),
-        ("post-processing", "largest region filled" if postprocess else "none")], level)
+        ("post-processing", "largest region filled" if scoring.postprocess else "none")], level)
     print("\n".join(report.judgement_lines(summary)))
     return summary
 
@@ -564,9 +513,10 @@ def threshold_counts(prob, truth, thresholds):
     return np.stack([lesion, background, n_lesion - lesion, n_background - background], 1)
 
 
-def threshold_analysis(predictor, pairs, out, thresholds=THRESHOLDS, batch_size=BATCH_SIZE,
-                       workers=WORKERS, split="valid"):
-    """Histogram of probabilities and mean scores against the threshold, all at original size."""
+def threshold_analysis(predictor, pairs, out, scoring, thresholds=THRESHOLDS, best_by=BEST_BY):
+    """Histogram of probabilities and mean scores against the threshold, all at original size;
+    the best threshold by `best_by`."""
+    split, batch_size, workers = scoring.split, scoring.batch_size, scoring.workers
     def count(pair, prob, bits, hw):
         truth = preprocess.unpack_truth(bits, hw)
         big = preprocess.prob_to_original(prob, truth.shape)
@@ -596,14 +546,16 @@ def threshold_analysis(predictor, pairs, out, thresholds=THRESHOLDS, batch_size=
                 "background_pixels": int(hist[0, i]), "lesion_pixels": int(hist[1, i])}
                for i in range(HISTOGRAM_BINS)],
               ["bin_start", "bin_end", "background_pixels", "lesion_pixels"])
-    best = max(curve, key=lambda row: row[BEST_BY])  # the first of equal scores, as np.argmax
-    plot_analysis(hist, edges, curve, best, out / "threshold_analysis.png",
+    best = max(curve, key=lambda row: row[best_by])  # the first of equal scores, as np.argmax
+    plot_analysis(hist, edges, curve, (best, best_by), out / "threshold_analysis.png",
                   f"{predictor.name()}: {split} split, {len(per_image)} images, "
                   f"pixels at original resolution")
     return curve, best
 
 
 def plot_analysis(hist, edges, curve, best, path, title):
+    """The histogram and the score curves; `best`: (the best row, the score it maximises)."""
+    best, best_by = best
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -624,7 +576,7 @@ def plot_analysis(hist, edges, curve, best, path, title):
                                      ("dice", "mean Dice", "^-", 1.2)):
         right.plot(t, [row[key] for row in curve], style, ms=3, lw=width, label=label)
     right.axvline(best["threshold"], color="grey", ls="--", lw=1,
-                  label=f"best {BEST_BY}: {best['threshold']:g}")
+                  label=f"best {best_by}: {best['threshold']:g}")
     right.set(xlabel="threshold", ylabel="score", title="score against threshold", xlim=(0, 1))
     right.legend()
     fig.suptitle(title)
@@ -640,7 +592,7 @@ def variant_counts(predictor, pairs, threshold, batch_size=BATCH_SIZE, workers=W
     predictor's, or flips) and without and with post-processing, at original size."""
     results = {}
     for tta in ("none", predictor.tta if predictor.tta != "none" else "flips"):
-        variant = Predictor(predictor.members, predictor.device, tta)
+        variant = Predictor(predictor.members, predictor.compute, tta)
 
         def count(pair, prob, bits, hw):
             truth = preprocess.unpack_truth(bits, hw)
@@ -666,7 +618,7 @@ def print_variants(counts, title):
               f"{means['threshold_jaccard']:.4f}")
 
 
-def cross_validation(model_dir, device, args):
+def cross_validation(model_dir, compute, args):
     """Each fold model scored on its own validation fold; per-fold means, their spread, and the
     pooled out-of-fold mean (per image), for each test-time and post-processing variant.
 
@@ -676,8 +628,8 @@ def cross_validation(model_dir, device, args):
     given = [Path(p) for p in args.checkpoint or []]  # files, or folders to look in
     candidates = [p for where in (given or [Path(model_dir)])
                   for p in (sorted(where.glob("*.pth")) if where.is_dir() else [where])]
-    files = [p for p in candidates if model_lib.fold_of(p) is not None
-             and model_lib.is_resume_state(p) == last]
+    files = [p for p in candidates if ckpt_lib.fold_of(p) is not None
+             and ckpt_lib.is_resume_state(p) == last]
     if not files:
         where = " ".join(map(str, given)) if given else model_dir
         raise UsageError(f"no fold model (*_fold<I>{'_last' if last else ''}.pth) in "
@@ -691,21 +643,23 @@ def cross_validation(model_dir, device, args):
         stale.unlink()
     rows, per_fold, scored = [], {}, {}
     for path in files:
-        model, ckpt = model_lib.load_model(path, device, CHANNELS_LAST, MIXED_PRECISION)
-        if ckpt.get("fold") is None:
+        model, ckpt = predict.load_model(path, compute)
+        fold = ckpt["settings"]["fold"]
+        if fold is None:
             continue
-        scored[str(ckpt["fold"])] = {"checkpoint": str(path), "epoch": ckpt.get("epoch"),
-                                     "recipe": ckpt.get("recipe"), "train_pairs": len(
+        scored[str(fold)] = {"checkpoint": str(path), "epoch": ckpt.get("epoch"),
+                                     "settings": ckpt["settings"], "train_pairs": len(
                                          load_split(ckpt, args.data, "train"))}
-        threshold = args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5)
-        predictor = Predictor([(model, ckpt, path)], device, args.tta)
+        threshold = args.threshold if args.threshold is not None else \
+            ckpt["settings"]["threshold"]
+        predictor = Predictor([(model, ckpt, path)], compute, args.tta)
         pairs = load_split(ckpt, args.data, "valid")
         counts = variant_counts(predictor, pairs, threshold, args.batch_size, args.workers,
-                                f"fold {ckpt['fold']}")
+                                f"fold {fold}")
         confidence = fold_confidence(predictor, pairs, threshold, thumb_dir, args)
         for variant, per_id in counts.items():
-            per_fold.setdefault(variant, {})[ckpt["fold"]] = metrics.mean_scores(per_id.values())
-            rows += [{"fold": ckpt["fold"], "id": i, "tta": variant[0],
+            per_fold.setdefault(variant, {})[fold] = metrics.mean_scores(per_id.values())
+            rows += [{"fold": fold, "id": i, "tta": variant[0],
                       "postprocess": variant[1], **{k: round(v, 6) for k, v in
                                                     metrics.scores(*c).items()},
                       **confidence_columns(confidence[i])}
@@ -716,7 +670,7 @@ def cross_validation(model_dir, device, args):
 def fold_confidence(predictor, pairs, threshold, thumb_dir, args):
     """{id: confidence candidates} of a fold model on its own fold, and a thumbnail of each
     image with its mask without test-time views or post-processing (the report's variant)."""
-    plain = Predictor(predictor.members, predictor.device, "none")
+    plain = Predictor(predictor.members, predictor.compute, "none")
 
     def judge(pair, prob, bits, hw, maps):
         truth = preprocess.unpack_truth(bits, hw)
@@ -762,7 +716,7 @@ def summarise_folds(rows, per_fold, out, scored):
         models = Path(next(iter(scored.values()))["checkpoint"]).parent
         report.write_evaluation(out, mine, block, f"Cross-validation, out of fold: {models}", [
             ("checkpoints", fold_list),
-            ("recipe", next(iter(scored.values()))["recipe"] if scored else None),
+            ("settings", next(iter(scored.values()))["settings"] if scored else None),
             ("split", f"each fold model on its own validation fold, {block['images']} images"),
             ("variant", variant_name(*plain))])
     return summary
@@ -770,19 +724,9 @@ def summarise_folds(rows, per_fold, out, scored):
 
 # ----------------------------------------------------------------------------- main
 
-def add_model_flags(p, checkpoint=CHECKPOINT, model_dir=MODEL_DIR):
-    """--checkpoint and --model-dir, which pick the model(s) as load_predictor does."""
-    p.add_argument("--checkpoint", nargs="+", default=checkpoint, metavar="PATH",
-                   help="checkpoint(s) or folder(s); several: an ensemble; default: the newest "
-                        "in --model-dir")
-    p.add_argument("--model-dir", default=model_dir,
-                   help="where to look for the newest checkpoint")
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_flags(p)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    settings_lib.add_flags(p, SETTINGS, globals())
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--image", nargs="+", metavar="PATH",
                       help="image files or folders to segment")
@@ -797,23 +741,15 @@ def parse_args(argv=None):
     p.add_argument("--last", action="store_true",
                    help="with --cross-validation: each fold's last epoch, not its best")
     p.add_argument("--split", choices=["test", "valid", "train"], default=None,
-                   help=f"{EVALUATE_SPLIT} for --evaluate, {ANALYSIS_SPLIT} for the analysis")
+                   help="the split to score (default: EVALUATE_SPLIT for --evaluate, "
+                        "ANALYSIS_SPLIT for --threshold-analysis, valid for --calibrate)")
     p.add_argument("--data", default=None, help="data folder; default: the checkpoint's")
     p.add_argument("--out", default=None, help="output folder")
-    p.add_argument("--threshold", type=float, default=THRESHOLD,
-                   help="lesion probability cut; default: the checkpoint's")
-    p.add_argument("--tta", default=TTA, choices=model_lib.TTA_MODES,
-                   help="test-time views whose probabilities are averaged")
-    p.add_argument("--postprocess", action="store_true", default=POSTPROCESS,
-                   help="keep the largest lesion region, holes filled")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--workers", type=int, default=WORKERS)
-    p.add_argument("--seed", type=int, default=SEED, help="seed of the random test image")
-    p.add_argument("--device", default=DEVICE, choices=["auto", "cpu", "cuda"])
-    return p.parse_args(argv)
+    return settings_lib.parse(p, SETTINGS, globals(), argv)[0]
 
 
-def run(args):
+def check_args(args):
+    """Refuse, in one line, settings that cannot work together."""
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise UsageError(f"THRESHOLD={args.threshold} must lie strictly between 0 and 1")
     if args.batch_size < 1 or args.workers < 0:
@@ -822,38 +758,47 @@ def run(args):
     if args.last and not args.cross_validation:
         raise UsageError("--last goes with --cross-validation; elsewhere name the files: "
                          "--checkpoint Model/*_fold?_last.pth")
-    device = model_lib.pick_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
-    if args.cross_validation:
-        cross_validation(args.cross_validation, device, args)
-        return 0
-    predictor = load_predictor(args.checkpoint, args.model_dir, device, args.tta)
-    ckpt = predictor.ckpt
-    threshold = args.threshold if args.threshold is not None else float(ckpt.get("threshold", 0.5))
+
+
+def describe_models(predictor):
+    """One line per model: its file, why it was picked, its network, size, epoch and data."""
     for _, member, path in predictor.members:
-        size = "x".join(map(str, member.get("image_size", [])))
-        print(f"checkpoint: {path} ({predictor.why}; FPN {member['encoder']} at {size}, epoch "
-              f"{member.get('epoch')}, valid IoU {float(member.get('valid_iou') or 0):.4f}, "
-              f"trained on {member.get('data_dir')})")
-    if isinstance(predictor, model_lib.OnnxPredictor):
+        run = member["settings"]
+        print(f"checkpoint: {path} ({predictor.why}; {run['arch']} {run['encoder']} at "
+              f"{'x'.join(map(str, run['image_size']))}, epoch {member.get('epoch')}, valid IoU "
+              f"{float(member.get('valid_iou') or 0):.4f}, trained on {run['data']})")
+
+
+def run(args):
+    check_args(args)
+    compute = device_lib.prepare(args.device, args.mixed_precision, args.channels_last,
+                                 args.cudnn_benchmark)
+    if args.cross_validation:
+        cross_validation(args.cross_validation, compute, args)
+        return 0
+    predictor = load_predictor(args.checkpoint, args.model_dir, compute, args.tta)
+    ckpt = predictor.ckpt
+    threshold = args.threshold if args.threshold is not None else \
+        float(ckpt["settings"]["threshold"])
+    describe_models(predictor)
+    if isinstance(predictor, OnnxPredictor):
         if args.threshold_analysis or args.calibrate:
             raise UsageError("--threshold-analysis and --calibrate need the .pth checkpoint(s)")
         print(predictor.runtime())
-    print(f"device: {device.type}; threshold {threshold:g}; test-time views: {predictor.tta}; "
-          f"post-processing: {'largest region filled' if args.postprocess else 'none'}")
-    if ckpt.get("demo"):
+    print(f"device: {compute.device.type}; threshold {threshold:g}; test-time views: "
+          f"{predictor.tta}; post-processing: {'largest region filled' if args.postprocess else 'none'}")
+    if ckpt["settings"]["demo"]:
         print("note: this checkpoint was trained on generated demo data, not on real lesions")
     outputs = Path(args.out) if args.out else None
     # outputs stay beside the model that made them, in a folder of that model's (ensemble's)
-    results = Path(predictor.path).parent / "evaluation" / model_lib.results_name(
+    results = Path(predictor.path).parent / "evaluation" / ckpt_lib.results_name(
         [path for _, _, path in predictor.members])
     if args.threshold_analysis:
         analyse(predictor, args, threshold, outputs or results)
     elif args.calibrate:
         calibrate(predictor, args, threshold, outputs or results)
     elif args.evaluate:
-        split = args.split or EVALUATE_SPLIT
+        split = args.split or args.evaluate_split
         out = outputs or results / scored_folder(predictor, args.data, split)
         pairs = load_split(ckpt, args.data, split)
         print(f"scoring the {split} split of {data_dir_of(ckpt, args.data)}: "
@@ -876,7 +821,7 @@ def run(args):
         else:
             pair = random.Random(args.seed).choice(load_split(ckpt, args.data, "test"))
             items = [(pair.image, pair.mask, pair.id)]
-        predictions = Path(predictor.path).parent / "predictions" / model_lib.results_name(
+        predictions = Path(predictor.path).parent / "predictions" / ckpt_lib.results_name(
             [path for _, _, path in predictor.members])
         if not predict_files(predictor, items, outputs or predictions, threshold,
                              args.postprocess):
@@ -902,11 +847,11 @@ def calibrate(predictor, args, threshold, folder):
         raise UsageError(f"no failed image (IoU < {metrics.JACCARD_THRESHOLD:g}) among the "
                          f"{summary['images']} of the {split} split: no level to calibrate")
     path = Path(predictor.path)
-    ckpt = model_lib.load_checkpoint(path)  # as stored, not as this run may have changed it
+    ckpt = ckpt_lib.load_checkpoint(path)  # as stored, not as this run may have changed it
     ckpt["confidence"] = {"name": metrics.CONFIDENCE, "level": conf["level_90"],
                           "threshold": float(threshold), "split": split,
                           "images": summary["images"], "failures": conf["failures"]}
-    model_lib.save_checkpoint(ckpt, path)
+    ckpt_lib.save_checkpoint(ckpt, path)
     print(f"stored in {path}: confidence level {conf['level_90']:.4f} ({metrics.CONFIDENCE}); "
           f"below it fall {conf['level_90_failures']} of the {conf['failures']} failed images "
           f"of the {split} split, and {conf['level_90_images']} of its {summary['images']} "
@@ -916,17 +861,19 @@ def calibrate(predictor, args, threshold, folder):
 def analyse(predictor, args, threshold, folder):
     """The threshold sweep, then the score with and without test-time views and
     post-processing at the threshold in use: the choices nnU-Net makes on validation data."""
-    split = args.split or ANALYSIS_SPLIT
+    split = args.split or args.analysis_split
     out = folder if args.out else \
         folder / f"threshold_{scored_folder(predictor, args.data, split)}"
     pairs = load_split(predictor.ckpt, args.data, split)
-    curve, best = threshold_analysis(predictor, pairs, out, THRESHOLDS, args.batch_size,
-                                     args.workers, split)
+    curve, best = threshold_analysis(
+        predictor, pairs, out, Scoring(split, str(data_dir_of(predictor.ckpt, args.data)),
+                                       args.batch_size, args.workers, args.postprocess),
+        args.thresholds, args.best_by)
     at = min(curve, key=lambda row: abs(row["threshold"] - threshold))
     advice = f"; use it with --threshold {best['threshold']:g}" \
         if abs(best["threshold"] - threshold) > 1e-9 else " (the threshold in use)"
-    print(f"best threshold on {split}: {best['threshold']:g} (mean {BEST_BY} "
-          f"{best[BEST_BY]:.4f}; {at[BEST_BY]:.4f} at {at['threshold']:g}){advice}")
+    print(f"best threshold on {split}: {best['threshold']:g} (mean {args.best_by} "
+          f"{best[args.best_by]:.4f}; {at[args.best_by]:.4f} at {at['threshold']:g}){advice}")
     print(f"saved {out / 'threshold_analysis.png'}, {out / 'threshold_curve.csv'}, "
           f"{out / 'probability_histogram.csv'}")
     counts = variant_counts(predictor, pairs, threshold, args.batch_size, args.workers, split)

@@ -1,59 +1,114 @@
-"""Train the FPN of "Semantic Segmentation for Skin Melanoma Detection" on ISIC images.
+"""Train a lesion segmentation network (the paper's FPN by default) on ISIC images.
 
     python train_model.py                 # the paper's settings, data in data/
     python train_model.py --demo          # a minute or a few on a laptop CPU, generated data
     python train_model.py --resume        # continue the stopped run in Model/, as it was set up
     torchrun --nproc_per_node=4 train_model.py   # 4 GPUs, one process each (DDP)
 
-Edit the constants below for an experiment, or pass the matching flag: every constant has one
-(--lower-case-name; DATA_DIR is --data), and its comment is the flag's help.
+Edit the constants below for an experiment, or pass the flag SETTINGS gives each one
+(`python train_model.py --help` lists them with their defaults).
 """
 import argparse
-import ast
-import io
 import math
 import os
 import shutil
 import sys
 import time
-import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import checkpoint
+import demo_data
+import device as device_lib
+import engine
+import load_dataset
+import model as model_lib
+import preprocess
+from checkpoint import CheckpointError
+from device import main_process, rank, world_size
+from engine import NonFiniteLoss, train_one_epoch, validate
+from settings import FIXED, RECORDED, Setting, SettingError, none_or_str
+import settings as settings_lib
+
 # ----------------------------------------------------------------------------- settings
-DATA_DIR = "data"                  # folder with the ISIC folders (see data/README.md)
-MODEL_DIR = "Model"                # checkpoints, per-epoch CSV and curves go here
-ARCH = "FPN"                       # network: "FPN" (the paper's), "Unet", "UnetPlusPlus", ...
-ENCODER = "se_resnext50_32x4d"     # encoder; the paper's code used se_resnext50_32x4d
-ENCODER_WEIGHTS = "imagenet"       # "imagenet" (downloaded), None (from scratch) or a local file
-ENCODER_DEPTH = 5                  # down-sampling stages: image sides must be multiples of 2**5
-IMAGE_SIZE = (320, 320)            # (height, width) every image is resized to
-MEAN = (0.485, 0.456, 0.406)       # input normalisation (of 0..1 pixels): ImageNet's mean,
-                                   #   which the pretrained encoders expect; in every checkpoint
-STD = (0.229, 0.224, 0.225)        # and ImageNet's standard deviation, likewise
-BATCH_SIZE = 8                     # images per training step
+DATA_DIR = "data"
+MODEL_DIR = "Model"
+ARCH = "FPN"                       # the paper's network
+ENCODER = "se_resnext50_32x4d"     # the paper's code used se_resnext50_32x4d
+ENCODER_WEIGHTS = "imagenet"
+ENCODER_DEPTH = 5
+IMAGE_SIZE = (320, 320)            # (height, width)
+MEAN = (0.485, 0.456, 0.406)       # ImageNet's, which the pretrained encoders expect
+STD = (0.229, 0.224, 0.225)
+BATCH_SIZE = 8
 EPOCHS = 40                        # the paper's 40 epochs
-LR = 1e-4                          # Adam's learning rate for the first LR_DROP_EPOCH epochs
-LR_DROP_EPOCH = 25                 # epochs 1..25 run at LR, epochs 26.. at LR_AFTER_DROP
-LR_AFTER_DROP = 1e-5               # the rate after the drop
-LOSS = "dice"                      # "dice" (the paper's) or "dice+bce"
-AUGMENT = "full"                   # training augmentation: "full" (flips, 90-degree turns, small
-                                   #   affine moves, colour jitter) or "flips" (flips and turns)
-FOLDS = 1                          # K > 1: cross-validation, one run per fold (--fold I)
-THRESHOLD = 0.5                    # probability at or above which a pixel is lesion
-SEED = 42                          # seed of the model's start and the shuffling, and of the
-                                   #   split the first time (then the split file wins)
-WORKERS = min(8, max(1, (os.cpu_count() or 1) - 1))  # loader processes; one core left to the model
-DEVICE = "auto"                    # "auto" (CUDA when present), "cuda" or "cpu"
-CACHE = True                       # decode and resize each image once, then read the small copy
-MIXED_PRECISION = True             # bfloat16 (or float16) autocast on CUDA; bfloat16 on CPUs
-                                   #   with native bf16 (AVX-512 BF16, AMX); else float32
-CHANNELS_LAST = True               # channels_last memory format, on CUDA and under CPU bfloat16
-CUDNN_BENCHMARK = True             # let cuDNN pick the fastest kernels for the fixed input size
-DETERMINISTIC = False              # CUDA only: deterministic kernels where PyTorch has them
-                                   #   (slower; turns CUDNN_BENCHMARK off; it warns for each
-                                   #   operation that has none, which then may still vary)
-SYNC_BATCHNORM = False             # under torchrun: batch-norm statistics over all processes
+LR = 1e-4                          # the paper's Adam: 1e-4, then 1e-5 after epoch 25
+LR_DROP_EPOCH = 25
+LR_AFTER_DROP = 1e-5
+LOSS = "dice"                      # the paper's
+AUGMENT = "full"
+FOLDS = 1
+THRESHOLD = 0.5
+SEED = 42
+WORKERS = min(8, max(1, (os.cpu_count() or 1) - 1))  # one core left to the model
+DEVICE = "auto"
+CACHE = True
+MIXED_PRECISION = True
+CHANNELS_LAST = True
+CUDNN_BENCHMARK = True
+DETERMINISTIC = False
+SYNC_BATCHNORM = False
+
+# What each setting is. FIXED: part of the run, recorded in every checkpoint; --resume takes
+# it from the state and refuses a flag that differs. RECORDED: recorded, but a resume may
+# change it. MACHINE: how this machine runs the run, free to differ on a resume.
+SETTINGS = [
+    Setting("DATA_DIR", "folder with the ISIC folders (see docs/data.md); a resume may point "
+            "at a moved copy: its pairs must still be the run's", RECORDED, flag="--data"),
+    Setting("MODEL_DIR", "checkpoints, per-epoch CSV and curves go here"),
+    Setting("ARCH", "network of segmentation-models-pytorch: "
+            f"{', '.join(model_lib.ARCHITECTURES)} (model.ARCHITECTURES)", FIXED),
+    Setting("ENCODER", "encoder of segmentation-models-pytorch (resnet18, resnet34, "
+            "se_resnext50_32x4d, efficientnet-b3, ...)", FIXED),
+    Setting("ENCODER_WEIGHTS", '"imagenet" (downloaded), none (from scratch) or a local '
+            "weights file", FIXED, type=none_or_str),
+    Setting("ENCODER_DEPTH", "down-sampling stages (3 to 5): image sides must be multiples of "
+            "2**depth", FIXED),
+    Setting("IMAGE_SIZE", "(height, width) every image is resized to", FIXED,
+            metavar=("H", "W")),
+    Setting("MEAN", "input normalisation of 0..1 pixels: the mean", FIXED,
+            metavar=("R", "G", "B")),
+    Setting("STD", "input normalisation: the standard deviation", FIXED,
+            metavar=("R", "G", "B")),
+    Setting("BATCH_SIZE", "images per training step (per process under torchrun)", FIXED),
+    Setting("EPOCHS", "epochs in all; a resume may raise it to extend the run", RECORDED),
+    Setting("LR", "Adam's learning rate through epoch LR_DROP_EPOCH", FIXED),
+    Setting("LR_DROP_EPOCH", "the last epoch at LR; later epochs run at LR_AFTER_DROP", FIXED),
+    Setting("LR_AFTER_DROP", "the learning rate after the drop", FIXED),
+    Setting("LOSS", "training loss on the logits", FIXED, choices=model_lib.LOSSES),
+    Setting("AUGMENT", '"full": flips, 90-degree turns, small affine moves, colour jitter; '
+            '"flips": flips and turns', FIXED, choices=preprocess.AUGMENTS),
+    Setting("FOLDS", "K > 1: cross-validation, one run per fold (--fold I)", FIXED),
+    Setting("THRESHOLD", "probability at or above which a pixel is lesion", FIXED),
+    Setting("SEED", "seed of the model's start, the shuffling and the augmentation, and of the "
+            "split the first time (then the split file wins)", FIXED),
+    Setting("WORKERS", "loader processes decoding images beside the model"),
+    Setting("DEVICE", '"auto" (CUDA when present), "cuda" or "cpu"',
+            choices=device_lib.DEVICES),
+    Setting("CACHE", "decode and resize each image once, then read the small copy"),
+    Setting("MIXED_PRECISION", "bfloat16 (or float16) autocast on CUDA; bfloat16 on CPUs with "
+            "native bf16 (AVX-512 BF16, AMX); else float32"),
+    Setting("CHANNELS_LAST", "channels_last memory format, on CUDA and under CPU bfloat16"),
+    Setting("CUDNN_BENCHMARK", "let cuDNN pick the fastest kernels for the fixed input size"),
+    Setting("DETERMINISTIC", "CUDA: deterministic kernels where PyTorch has them (slower; turns "
+            "CUDNN_BENCHMARK off; it warns for each operation that has none)"),
+    Setting("SYNC_BATCHNORM", "under torchrun: batch-norm statistics over all processes"),
+]
 
 # --demo (not a setting of its own): sized for a 2-core CPU in a minute or two; outputs under
 # names no one takes for ISIC
@@ -61,18 +116,6 @@ DEMO = dict(data="data/demo", model_dir="Model/demo", encoder="resnet18", encode
             image_size=(96, 96), batch_size=8, epochs=8, lr=1e-3, lr_drop_epoch=6,
             lr_after_drop=1e-4)
 # ---------------------------------------------------------------------------------------
-
-import numpy as np  # noqa: E402  (the settings above come first, as a reader looks for them)
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import demo_data  # noqa: E402
-import load_dataset  # noqa: E402
-import model as model_lib  # noqa: E402
-import preprocess  # noqa: E402
-from model import (CheckpointError, NonFiniteLoss, SettingError, main_process,  # noqa: E402
-                   rank, train_one_epoch, validate, world_size)
 
 LISTED_FILES = 20  # corrected/skipped files named on the console; the data report lists all
 CHECKPOINT_COPIES = 7  # model sizes on disk at the worst moment: best + last (3x, with Adam's
@@ -83,87 +126,9 @@ class Interrupted(Exception):
     """Ctrl-C during training; the message says which epoch the resume state holds."""
 
 
-# ----------------------------------------------------------------------------- settings
-# Every constant of the settings block above is a setting: its flag is --lower-case-name, its
-# help is its comment, its default its value. How a saved run treats it follows from these:
-MACHINE = ("MODEL_DIR", "WORKERS", "DEVICE", "CACHE", "MIXED_PRECISION", "CHANNELS_LAST",
-           "CUDNN_BENCHMARK", "DETERMINISTIC", "SYNC_BATCHNORM")  # how this machine runs the
-# run, not what the run is: free to differ on a resume. Every other setting belongs to the run:
-# its checkpoints record it (the recipe), and --resume takes it from the state and refuses a
-# flag that differs, except these, which a resume may change:
-CHANGEABLE = ("EPOCHS",  # to extend a run
-              "DATA_DIR")  # a moved or copied data folder: the split's digest must still match
-FLAG_NAMES = {"DATA_DIR": "--data"}  # flags not named after their constant
-METAVARS = {"IMAGE_SIZE": ("H", "W"), "MEAN": ("R", "G", "B"), "STD": ("R", "G", "B")}
-CHOICES = {"ARCH": tuple(model_lib.ARCHITECTURES), "LOSS": model_lib.LOSSES, "AUGMENT": preprocess.AUGMENTS,
-           "DEVICE": model_lib.DEVICES}
-
-
-def weights_value(value):
-    return None if value.lower() in ("none", "null", "") else value
-
-
-FLAG_TYPES = {"ENCODER_WEIGHTS": weights_value}
-
-
-def settings_block(source):
-    """[(NAME, help)] of the constants in the settings block of a script's source (between the
-    "settings" rule and the next rule): the help is the comment on the constant's line and the
-    indented comment lines under it."""
-    lines = source.splitlines()
-    start = next(i for i, line in enumerate(lines, 1)
-                 if line.startswith("# ---") and line.rstrip().endswith(" settings"))
-    end = next(i for i in range(start + 1, len(lines) + 1) if lines[i - 1].startswith("# ---"))
-    comments = {t.start[0]: t.string.lstrip("#").strip()
-                for t in tokenize.generate_tokens(io.StringIO(source).readline)
-                if t.type == tokenize.COMMENT}
-    found = []
-    for node in ast.parse(source).body:
-        if not (isinstance(node, ast.Assign) and start < node.lineno < end
-                and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            continue
-        text, line = [comments.get(node.end_lineno, "")], node.end_lineno + 1
-        while line < end and lines[line - 1][:1].isspace() and \
-                lines[line - 1].strip().startswith("#"):
-            text.append(comments[line])
-            line += 1
-        found.append((node.targets[0].id, " ".join(t for t in text if t)))
-    return [(name, text) for name, text in found if name != "DEMO"]
-
-
-SETTINGS = settings_block(Path(__file__).read_text())
-
-
-def dest(name):
-    return FLAG_NAMES.get(name, "--" + name.lower().replace("_", "-"))[2:].replace("-", "_")
-
-
-RUN_KEYS = tuple(dest(name) for name, _ in SETTINGS if name not in MACHINE)  # the recipe
-CONSTANT_OF = {dest(name): name for name, _ in SETTINGS}
-
-
-def add_setting_flags(parser):
-    """One flag per setting, its default the constant's value, its help the comment."""
-    for name, text in SETTINGS:
-        default = globals()[name]
-        flag = FLAG_NAMES.get(name, "--" + name.lower().replace("_", "-"))
-        options = dict(default=default, dest=dest(name), help=text or name)
-        if isinstance(default, bool):
-            options["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, tuple):
-            options.update(nargs=len(default), type=type(default[0]),
-                           metavar=METAVARS.get(name, (name,) * len(default)))
-        else:
-            options["type"] = FLAG_TYPES.get(name, str if default is None else type(default))
-        if name in CHOICES:
-            options["choices"] = CHOICES[name]
-        parser.add_argument(flag, **options)
-
-
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_setting_flags(p)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    settings_lib.add_flags(p, SETTINGS, globals())
     p.add_argument("--fold", type=int, default=None,
                    help="with FOLDS=K: the fold (0..K-1) that validates; the others train")
     p.add_argument("--resume", action="store_true",
@@ -183,38 +148,33 @@ def build_parser():
 def parse_args(argv=None):
     """The settings of a run: each constant, or the flag that replaces it. `args.given` holds
     the settings given on the command line (a resume takes the others from its state)."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    unset = object()  # a default no flag can produce: what is left unset was not given
-    p.set_defaults(**{a.dest: unset for a in p._actions if a.dest != "help"})
-    again = p.parse_args(argv)
-    args.given = {key for key, value in vars(again).items() if value is not unset}
+    args, args.given = settings_lib.parse(build_parser(), SETTINGS, globals(), argv)
+    if "--fold" in (argv if argv is not None else sys.argv[1:]):
+        args.given.add("fold")
     if args.demo:  # demo settings replace only what the command line does not set
         for key, value in DEMO.items():
             if key not in args.given:
                 setattr(args, key, value)
-    for key in ("image_size", "mean", "std"):
-        setattr(args, key, tuple(getattr(args, key)))
     return args
 
 
-def recipe(args):
-    """The settings that make the run what it is, as every checkpoint records them."""
-    values = {key: list(value) if isinstance(value, tuple) else value
-              for key, value in ((key, getattr(args, key)) for key in RUN_KEYS)}
-    values["data"] = str(Path(args.data).resolve())
-    return {**values, "fold": args.fold}
+def run_settings(args):
+    """The one settings record every checkpoint of the run carries: the recorded settings,
+    plus what else shapes the run (data folder, fold, demo, the resize interpolation)."""
+    return {**settings_lib.recipe(SETTINGS, args), "data": str(Path(args.data).resolve()),
+            "fold": args.fold, "demo": args.demo, "interpolation": preprocess.INTERPOLATION}
 
 
 def check_settings(args):
     """Refuse, in one line naming the constant, a setting that cannot work."""
     if not 3 <= args.encoder_depth <= 5:
-        raise SettingError(f"ENCODER_DEPTH={args.encoder_depth}: the FPN needs 3, 4 or 5")
+        raise SettingError(f"ENCODER_DEPTH={args.encoder_depth}: use 3, 4 or 5")
     size_ok = preprocess.permitted_size(args.image_size, args.encoder_depth)
     if size_ok != args.image_size:
         raise SettingError(f"IMAGE_SIZE={args.image_size} breaks the size rule: each side must "
                            f"be a multiple of 2**{args.encoder_depth} = {2 ** args.encoder_depth}"
                            f" (nearest: {size_ok})")
+    model_lib.check_arch(args.arch)
     model_lib.check_encoder(args.encoder)
     if not 0.0 < args.threshold < 1.0:
         raise SettingError(f"THRESHOLD={args.threshold} must lie between 0 and 1")
@@ -232,28 +192,6 @@ def check_settings(args):
             (args.fold is not None and not 0 <= args.fold < args.folds):
         raise SettingError(f"FOLDS={args.folds} with --fold {args.fold}: pass --fold I with "
                            f"0 <= I < FOLDS when FOLDS > 1, and no --fold otherwise")
-
-
-# ----------------------------------------------------------------------------- schedule
-
-def lr_for_epoch(epoch, lr=LR, drop_epoch=LR_DROP_EPOCH, lr_after=LR_AFTER_DROP):
-    """Learning rate of a 1-based epoch: LR through epoch `drop_epoch`, then LR_AFTER_DROP.
-
-    A rule on the epoch number, so a resumed run lands on the same schedule."""
-    return lr if epoch <= drop_epoch else lr_after
-
-
-def make_optimizer(model, lr, device):
-    """Adam over every parameter. On the CPU its fused kernel: the per-parameter loop took
-    12-16% of a resnet18 step at 128x128 there, the fused one a seventh of that (README,
-    Speed); CUDA keeps torch's default (foreach) implementation."""
-    return torch.optim.Adam(model.parameters(), lr=lr,
-                            fused=True if device.type == "cpu" else None)
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:  # every group, not only the decoder's
-        group["lr"] = lr
 
 
 # ----------------------------------------------------------------------------- the run
@@ -275,12 +213,12 @@ class Run:
     args: argparse.Namespace
     paths: dict
     record: dict  # the settings every checkpoint carries (model.checkpoint_record)
-    trainer: model_lib.Trainer = None
+    trainer: engine.Trainer = None
     progress: Progress = field(default_factory=Progress)
 
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "valid_loss", "valid_iou", "valid_dice",
-               "valid_threshold_jaccard", "seconds"]
+               "valid_threshold_jaccard", "seconds", "network"]
 
 
 def plot_curves(rows, iter_log, path, title):
@@ -330,28 +268,16 @@ def input_settings(args):
 
 # ----------------------------------------------------------------------------- resume
 
-def saved_settings(state):
-    """The run's settings as a resume state records them (states saved before the recipe
-    held every setting: the fields they have)."""
-    saved = dict(state.get("recipe") or {})
-    # the fields the model is rebuilt from win over the recipe's copy of them
-    saved.update({key: state[key] for key in ("encoder", "encoder_depth", "image_size", "mean",
-                                              "std", "threshold", "seed", "folds", "fold")
-                  if key in state})
-    if state.get("data_dir"):
-        saved["data"] = state["data_dir"]
-    saved["demo"] = bool(state.get("demo", False))
-    return saved
-
-
 def find_resume_state(args):
     """The resume state of the run to continue: the one in the model folder, or the newest of
-    those whose names fit the flags given (--encoder, --fold, --demo)."""
-    states = model_lib.resume_states(args.model_dir)
+    those whose names fit the flags given (--arch, --encoder, --fold, --demo)."""
+    states = checkpoint.resume_states(args.model_dir)
 
     def fits(path):
-        name = model_lib.RUN_STEM.match(model_lib.stem_of(path))
-        return (("encoder" not in args.given or name["encoder"] == args.encoder)
+        name = checkpoint.RUN_STEM.match(checkpoint.stem_of(path))
+        return name is not None and (
+                ("arch" not in args.given or name["arch"] == args.arch.lower())
+                and ("encoder" not in args.given or name["encoder"] == args.encoder)
                 and ("fold" not in args.given or name["fold"] == str(args.fold))
                 and (not args.demo or name["demo"]))
     pool = [p for p in states if fits(p)] or states
@@ -361,53 +287,45 @@ def find_resume_state(args):
     if len(pool) > 1:
         print(f"note: {len(pool)} resume states in {args.model_dir}; continuing the newest, "
               f"{chosen.name} (the others: {', '.join(p.name for p in pool if p != chosen)}; "
-              f"pass --encoder or --fold to pick one)")
+              f"pass --arch, --encoder or --fold to pick one)")
     return chosen
 
 
 def load_resume_state(path, args):
     """The saved state of an interrupted run; the run's settings are taken from it, and a flag
     given beside --resume that differs from them is refused (every one named)."""
-    state = model_lib.load_checkpoint(path)
+    state = checkpoint.load_checkpoint(path)
     missing = [k for k in ("epoch", "best_iou", "optimizer_state", "history", "iter_log")
                if k not in state]
     if missing:
         raise CheckpointError(f"--resume: {path} is not a resume state (no {missing[0]!r}); "
                               f"delete it to start over")
-    saved = saved_settings(state)
-    differ = []
-    for key, value in saved.items():
-        if key in args.given and CONSTANT_OF.get(key) not in CHANGEABLE:
-            current = getattr(args, key)
-            value = tuple(value) if isinstance(current, tuple) else value
-            if value != current:
-                name = CONSTANT_OF.get(key, "--" + key.replace("_", "-"))
-                differ.append(f"{name}={value!r}, not {current!r}")
+    saved = state["settings"]
+    differ = settings_lib.resume_conflicts(SETTINGS, saved, args, args.given)
+    if "fold" in args.given and args.fold != saved["fold"]:
+        differ.append(f"--fold {saved['fold']}, not {args.fold}")
     if differ:
         raise SettingError(f"--resume: {path} was made with {'; '.join(differ)}: drop these "
                            f"flags to continue it as it was, or pass another --model-dir for a "
                            f"new run")
-    for key, value in saved.items():
-        if key not in args.given and (key in RUN_KEYS or key in ("fold", "demo")):
-            setattr(args, key, tuple(value) if isinstance(value, list) else value)
+    settings_lib.take_saved(SETTINGS, saved, args, args.given)
+    args.fold, args.demo = saved["fold"], saved["demo"]
     if not Path(args.data).is_dir():
         raise SettingError(f"--resume: the run's data folder {args.data} is not there: pass "
                            f"--data with the folder's new place")
     return state
 
 
-def start_training(args, state, paths, device):
+def start_training(args, state, paths, compute):
     """(model, optimizer, scaler, progress) for a new run, or as the resume state left them."""
     torch.manual_seed(args.seed)
     if state is None:
         model = model_lib.build_model(args.encoder, args.encoder_weights, args.encoder_depth,
                                       args.arch)
     else:
-        model = model_lib.model_from_checkpoint(state, paths["last"])
-    optimizer = make_optimizer(model, args.lr, device)
-    # float16 needs the loss scaled; bfloat16 (CUDA or CPU) has float32's range
-    scaler = torch.amp.GradScaler("cuda") \
-        if model_lib.autocast_dtype(device, args.mixed) == torch.float16 else None
+        model = checkpoint.model_from_checkpoint(state, paths["last"])
+    optimizer = engine.make_optimizer(model, args.lr, compute.device)
+    scaler = engine.make_scaler(compute.device, compute.mixed)
     if state is None:
         return model, optimizer, scaler, Progress()
     optimizer.load_state_dict(state["optimizer_state"])
@@ -426,7 +344,8 @@ def check_same_split(state, record, path):
     """A run never continues on other images: the state's split digest must match."""
     saved = state.get("split_digest")
     if saved and saved != record["split_digest"]:
-        raise SettingError(f"--resume: {path} trained on other images than {record['data']} "
+        raise SettingError(f"--resume: {path} trained on other images than "
+                           f"{record['settings']['data']} "
                            f"now gives (train+valid digest {saved} there, "
                            f"{record['split_digest']} here): a run never continues on other "
                            f"data; start a new run with another --model-dir")
@@ -434,12 +353,12 @@ def check_same_split(state, record, path):
 
 def resume_state(run, epoch, valid_iou):
     trainer, progress = run.trainer, run.progress
-    state = model_lib.checkpoint_record(trainer.model, run.record, epoch, valid_iou)
+    state = checkpoint.make_checkpoint(trainer.model, run.record, epoch, valid_iou)
     state.update(optimizer_state=trainer.optimizer.state_dict(), best_iou=progress.best_iou,
                  scaler_state=trainer.scaler.state_dict() if trainer.scaler is not None
                  else None, history=progress.rows,
                  iter_log=[list(x) for x in progress.iter_log], unread=progress.unread,
-                 epochs=run.args.epochs, processes=world_size())
+                 processes=world_size())
     return state
 
 
@@ -449,7 +368,7 @@ def check_epoch_finite(valid, model, epoch):
         raise NonFiniteLoss(f"the validation loss became {valid['loss']} (IoU {valid['iou']}) "
                             f"at epoch {epoch}; stopped before saving (the best checkpoint "
                             f"and the resume state keep the previous epoch). Lower LR.")
-    if not model_lib.weights_finite(model):
+    if not engine.weights_finite(model):
         raise NonFiniteLoss(f"the model's weights became NaN or infinite at epoch {epoch}; "
                             f"stopped before saving (the best checkpoint is untouched). "
                             f"Lower LR.")
@@ -459,9 +378,9 @@ def check_epoch_finite(valid, model, epoch):
 
 def describe_run(path):
     """"epoch E of N, data D" of a run's checkpoint, read without loading its weights."""
-    fields = model_lib.checkpoint_fields(path, ("epoch", "epochs", "data_dir"))
+    fields = checkpoint.checkpoint_fields(path, ("epoch", "epochs", "data"))
     of = f" of {fields['epochs']}" if fields.get("epochs") else ""
-    return f"epoch {fields.get('epoch')}{of}, data {fields.get('data_dir')}"
+    return f"epoch {fields.get('epoch')}{of}, data {fields.get('data')}"
 
 
 def check_own_files(args, paths):
@@ -474,7 +393,7 @@ def check_own_files(args, paths):
         held = paths["last"] if paths["last"].exists() else paths["best"]
         what = describe_run(held) if held.exists() else ", ".join(p.name for p in earlier)
         raise SettingError(f"{paths['best'].parent} already holds the run "
-                           f"{model_lib.stem_of(paths['best'])} ({what}): pass --resume to "
+                           f"{checkpoint.stem_of(paths['best'])} ({what}): pass --resume to "
                            f"continue it, --model-dir NEW to keep both, or --replace to start "
                            f"it over")
     if main_process():
@@ -488,14 +407,14 @@ def check_other_runs(args, paths, data_digest):
     if args.replace:
         return
     own = {p.name for p in paths.values()}
-    for path in model_lib.resume_states(args.model_dir) + model_lib.best_models(args.model_dir):
+    for path in checkpoint.resume_states(args.model_dir) + checkpoint.best_models(args.model_dir):
         if path.name in own:
             continue
-        fields = model_lib.checkpoint_fields(path, ("data_digest", "data_dir"))
+        fields = checkpoint.checkpoint_fields(path, ("data_digest", "data"))
         theirs = fields.get("data_digest")
         if theirs and theirs != data_digest:
             raise SettingError(f"{args.model_dir} holds {path.name}, trained on other data "
-                               f"({fields.get('data_dir')}): pass --model-dir NEW to keep the "
+                               f"({fields.get('data')}): pass --model-dir NEW to keep the "
                                f"runs apart (one model folder per dataset), or --replace to "
                                f"train here anyway")
 
@@ -542,19 +461,20 @@ def resolve_run(args):
     from the state it finds."""
     found = find_resume_state(args) if args.resume else None
     if found is None:
-        paths = model_lib.run_files(args.model_dir, run_stem(args))
+        paths = checkpoint.run_files(args.model_dir, run_stem(args))
         if args.resume:
             args.resume = False
             print(f"no saved state at {paths['last']}: starting from the beginning")
         return paths, None
     state = load_resume_state(found, args)  # its settings now in args
     print(f"resuming after epoch {state['epoch']} (best valid IoU {state['best_iou']:.4f}) "
-          f"of {found}: FPN {args.encoder}, data {args.data}, {args.epochs} epochs in all")
-    return model_lib.run_files(args.model_dir, model_lib.stem_of(found)), state
+          f"of {found}: {args.arch} {args.encoder}, data {args.data}, {args.epochs} epochs in "
+          f"all")
+    return checkpoint.run_files(args.model_dir, checkpoint.stem_of(found)), state
 
 
 def run_stem(args):
-    return model_lib.run_stem(args.encoder, args.fold, args.demo)
+    return checkpoint.run_stem(args.arch, args.encoder, args.fold, args.demo)
 
 
 def run(args):
@@ -570,30 +490,29 @@ def run(args):
     if args.lr_drop_epoch >= args.epochs:
         print(f"note: LR_DROP_EPOCH={args.lr_drop_epoch} is not before the last epoch "
               f"({args.epochs}): the learning rate stays {args.lr:g}")
-    record = {"arch": args.arch, "encoder": args.encoder, "encoder_depth": args.encoder_depth,
-              "image_size": args.image_size, "interpolation": preprocess.INTERPOLATION,
-              "mean": args.mean, "std": args.std, "threshold": args.threshold,
-              "demo": args.demo, "data": args.data, "split_file": split_file,
-              "fold": args.fold, "folds": args.folds, "seed": args.seed, "recipe": recipe(args),
+    # what every checkpoint of the run records besides its weights (checkpoint.py)
+    record = {"settings": run_settings(args), "split_file": str(split_file),
               "data_digest": load_dataset.pairs_digest(
                   [p for pairs in found.splits.values() for p in pairs]),
               "split_digest": load_dataset.pairs_digest(splits["train"] + splits["valid"])}
     check_other_runs(args, paths, record["data_digest"])
-    device = setup_device(args)
+    compute = device_lib.prepare(args.device, args.mixed_precision, args.channels_last,
+                                 args.cudnn_benchmark, args.deterministic)
+    print(compute.line())
     if state is not None:
         check_same_split(state, record, paths["last"])
-    model, optimizer, scaler, progress = start_training(args, state, paths, device)
+    model, optimizer, scaler, progress = start_training(args, state, paths, compute)
     if progress.start > args.epochs:
         print(f"nothing to do: the run already finished its {args.epochs} epochs "
               f"(best model: {paths['best']})")
         return 0
     if main_process():
         warn_if_disk_low(paths["best"].parent, model)
-    model = place_model(model, device, args)
-    run_ = Run(args, paths, record, model_lib.Trainer(
-        model, model_lib.make_loss(args.loss), device, optimizer, scaler, args.mixed,
-        args.channels_last_on, args.threshold), progress)
-    run_epochs(run_, make_loaders(splits, args, device))
+    model = place_model(model, compute, args.sync_batchnorm)
+    run_ = Run(args, paths, record, engine.Trainer(
+        model, model_lib.make_loss(args.loss), compute.device, optimizer, scaler, compute.mixed,
+        compute.channels_last, args.threshold), progress)
+    run_epochs(run_, make_loaders(splits, args, compute.device))
     print(f"best valid IoU {progress.best_iou:.4f} (per image, at original size); model: "
           f"{paths['best']}; log: {paths['log']}; curves: {paths['curves']}")
     if found.corrected or found.skipped or progress.unread:
@@ -604,13 +523,14 @@ def run(args):
     return 0
 
 
-def place_model(model, device, args):
+def place_model(model, compute, sync_batchnorm=False):
     """The model on its device, in channels_last where used, wrapped for DDP under torchrun."""
+    device = compute.device
     model.to(device)
-    if args.channels_last_on:
+    if compute.channels_last:
         model.to(memory_format=torch.channels_last)
     if world_size() > 1:
-        if args.sync_batchnorm:  # the same Parameter objects: the optimiser still holds them
+        if sync_batchnorm:  # the same Parameter objects: the optimiser still holds them
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -629,8 +549,8 @@ def run_epochs(run, loaders):
     try:
         for epoch in range(progress.start, args.epochs + 1):
             t0 = time.time()
-            lr = lr_for_epoch(epoch, args.lr, args.lr_drop_epoch, args.lr_after_drop)
-            set_lr(run.trainer.optimizer, lr)
+            lr = engine.lr_for_epoch(epoch, args.lr, args.lr_drop_epoch, args.lr_after_drop)
+            engine.set_lr(run.trainer.optimizer, lr)
             # dropout: each epoch's (and process's) draws depend on these alone
             torch.manual_seed(args.seed + epoch + 1_000_003 * rank())
             for loader in (train_loader, valid_loader):
@@ -672,7 +592,7 @@ def record_epoch(run, epoch, lr, trained, valid, seconds):
            "valid_loss": round(valid["loss"], 6), "valid_iou": round(valid["iou"], 6),
            "valid_dice": round(valid["dice"], 6),
            "valid_threshold_jaccard": round(valid["threshold_jaccard"], 6),
-           "seconds": round(seconds, 1)}
+           "seconds": round(seconds, 1), "network": f"{run.args.arch} {run.args.encoder}"}
     progress.rows.append(row)
     # a NaN IoU (no validation image readable) compares False: never the best
     improved = math.isfinite(valid["iou"]) and valid["iou"] > progress.best_iou
@@ -681,9 +601,9 @@ def record_epoch(run, epoch, lr, trained, valid, seconds):
     if not main_process():  # the same numbers everywhere; one process writes them
         return
     if improved:
-        model_lib.save_checkpoint(model_lib.checkpoint_record(
+        checkpoint.save_checkpoint(checkpoint.make_checkpoint(
             run.trainer.model, run.record, epoch, valid["iou"]), paths["best"])
-    model_lib.save_checkpoint(resume_state(run, epoch, valid["iou"]), paths["last"])
+    checkpoint.save_checkpoint(resume_state(run, epoch, valid["iou"]), paths["last"])
     preprocess.write_csv(paths["log"], progress.rows, LOG_COLUMNS)
     plot_curves(progress.rows, progress.iter_log, paths["curves"], title(run.args))
     print(f"{epoch:>5} {lr:>8.0e} {trained.loss:>10.4f} {valid['loss']:>10.4f} "
@@ -692,7 +612,7 @@ def record_epoch(run, epoch, lr, trained, valid, seconds):
 
 
 def title(args):
-    return f"FPN {args.encoder}" + (" (DEMO data)" if args.demo else "") + f", {args.data}"
+    return f"{args.arch} {args.encoder}" + (" (DEMO data)" if args.demo else "") + f", {args.data}"
 
 
 # ----------------------------------------------------------------------------- data
@@ -784,7 +704,7 @@ def setup_processes(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return
-    device = model_lib.pick_device(args.device)
+    device = device_lib.pick_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # NCCL reduces CUDA tensors only; the small counts and flags (sum_over_processes,
@@ -797,28 +717,6 @@ def setup_processes(args):
         args.quiet = True  # main() closes it and puts the console back
     print(f"{world} processes on {device.type} ({carriers}); BATCH_SIZE={args.batch_size} per "
           f"process, {world * args.batch_size} per step")
-
-
-def setup_device(args):
-    """The device; sets args.mixed (autocast?) and args.channels_last_on to what runs on it."""
-    device = model_lib.pick_device(args.device)
-    if device.type == "cpu":
-        args.mixed = model_lib.autocast_dtype(device, args.mixed_precision) is not None
-        args.channels_last_on = model_lib.use_channels_last(device, args.channels_last,
-                                                            args.mixed)
-        print(f"device: CPU (no CUDA device in use; training is far slower than on a GPU), "
-              f"{model_lib.precision_line(device, args.mixed_precision, args.channels_last)}")
-        return device
-    if world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device())
-    print(f"device: {torch.cuda.get_device_name()}")
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark and not args.deterministic
-    if args.deterministic:  # the documented cost: slower kernels, no autotuning
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    args.mixed, args.channels_last_on = args.mixed_precision, args.channels_last
-    return device
 
 
 def warn_if_disk_low(folder, model):

@@ -1,8 +1,9 @@
-"""The README's 5-fold table: training recipes against the plain loop, fold by fold.
+"""The 5-fold table of docs/results.md: training recipes against a baseline, fold by fold.
 
     python benchmarks/compare_recipes.py --plain runs/plain runs/r128 runs/paper --last
+    python benchmarks/compare_recipes.py --reference runs/r128 runs/paper runs/unet
 
-The runs behind the README's table (D: the data; two such loops at a time on 2 cores):
+The runs behind the table (D: the data; two such loops at a time on 2 cores):
 
     export OMP_NUM_THREADS=1
     for i in 0 1 2 3 4; do
@@ -14,14 +15,20 @@ The runs behind the README's table (D: the data; two such loops at a time on 2 c
     done
     python test_model.py --cross-validation runs/r128 --last
 
---plain is a folder of `benchmarks/plain_loop.py --fold I --per-image DIR/plain_I.csv` runs
-(each also leaves plain_I.json). Every other folder holds the fold models of one recipe
-(`train_model.py --folds K --fold I --model-dir DIR`) already scored by
+The baseline is one of two:
+
+- --plain: a folder of `benchmarks/plain_loop.py --fold I --per-image DIR/plain_I.csv` runs
+  (each also leaves plain_I.json);
+- --reference: a folder of fold models, read and scored like the other folders (its plain
+  variant, no test-time views nor post-processing, is the baseline).
+
+Every other folder holds the fold models of one recipe (`train_model.py --folds K --fold I
+--model-dir DIR`, files named as checkpoint.run_stem names them) already scored by
 `test_model.py --cross-validation DIR` (with --last: `--cross-validation DIR --last`).
 
 Per row: the out-of-fold mean over all scored images (per image, as the ISIC scorer
 averages), the standard deviation of the fold means, and the paired difference from the
-plain loop on the same folds (mean and standard deviation over folds; population standard
+baseline on the same folds (mean and standard deviation over folds; population standard
 deviations, as test_model.py --cross-validation reports them) with, in square brackets, the
 95% paired bootstrap interval of the per-image difference (the same images resampled for
 both, metrics.paired_bootstrap); then the training minutes per fold (validation included for
@@ -29,7 +36,9 @@ the recipes) and training images per second. A recipe's test-time and post-proce
 variants are also paired against its plain variant.
 
 Everything is read from files the runs write: per-image CSVs, the cross-validation
-summary.json (training pairs per fold) and each fold's epoch log (seconds per epoch).
+summary.json (training pairs per fold, beside each fold checkpoint's "settings") and each
+fold's epoch log (seconds per epoch; checkpoint.RUN_FILES["log"], its fold read from its name
+with checkpoint.fold_of).
 """
 import argparse
 import csv
@@ -41,8 +50,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import checkpoint  # noqa: E402
 import metrics  # noqa: E402
-import model as model_lib  # noqa: E402
 
 KEYS = ("iou", "threshold_jaccard")
 PLAIN_VARIANT = ("none", "False")
@@ -114,8 +123,8 @@ def read_recipe(folder, last):
         if (scored / "summary.json").is_file() else {}
     pairs = train_pairs(summary, rows)
     seconds, images = [], []
-    for log in sorted(folder.glob(f"*{model_lib.RUN_FILES['log']}")):
-        fold = model_lib.fold_of(log)
+    for log in sorted(folder.glob(f"*{checkpoint.RUN_FILES['log']}")):
+        fold = checkpoint.fold_of(log)
         if fold is None:
             continue
         with open(log) as f:
@@ -155,44 +164,80 @@ def number(x, digits):
     return "" if x is None else f"{x:.{digits}f}"
 
 
-def main(argv=None):
+def variants_of(rows):
+    """{(tta, postprocess): rows}, the plain variant first, then post-processing, flips, both."""
+    variants = {}
+    for r in rows:
+        variants.setdefault((r["tta"], r["postprocess"]), []).append(r)
+    return dict(sorted(variants.items(), key=lambda v: (v[0][0] != "none", v[0])))
+
+
+def gain_line(name, mine, base):
+    """A variant over its folder's plain variant: paired over folds and over images."""
+    d = paired(fold_means(mine), fold_means(base))
+    b = per_image_difference(mine, base)
+    return (f"{name}: over no TTA/post-processing, IoU {d['iou'][0]:+.3f} ± "
+            f"{d['iou'][1]:.3f}, thresholded Jaccard {d['threshold_jaccard'][0]:+.3f} ± "
+            f"{d['threshold_jaccard'][1]:.3f} (paired over folds); 95% paired bootstrap over "
+            f"images: IoU [{b['iou']['low']:+.3f}, {b['iou']['high']:+.3f}], thresholded "
+            f"Jaccard [{b['threshold_jaccard']['low']:+.3f}, "
+            f"{b['threshold_jaccard']['high']:+.3f}]")
+
+
+def recipe_rows(folder, run, baseline, gains):
+    """The table rows of one folder of fold models, each variant paired with `baseline`
+    (None: the folder is the baseline, its plain variant unpaired); its variants' gains over
+    its plain variant are added to `gains`."""
+    rows, minutes, speed = run
+    variants = variants_of(rows)
+    base = variants.get(PLAIN_VARIANT)
+    lines = []
+    for variant, mine in variants.items():
+        plain = variant == PLAIN_VARIANT
+        name = folder.name if plain else \
+            f"{folder.name}, tta {variant[0]}, post-processing {variant[1]}"
+        timing = f"{number(minutes, 2)} | {number(speed, 1)}" if plain else " | "
+        reference = baseline if baseline is not None or plain else base
+        lines.append(f"| {name} | {' | '.join(cell(mine, reference))} | {timing} |")
+        if not plain and base:
+            gains.append(gain_line(name, mine, base))
+    return lines
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--plain", type=Path, required=True, help="folder of plain-loop fold runs")
+    baseline = p.add_mutually_exclusive_group(required=True)
+    baseline.add_argument("--plain", type=Path, help="folder of plain-loop fold runs")
+    baseline.add_argument("--reference", type=Path, metavar="FOLDER",
+                          help="folder of fold models (scored by test_model.py "
+                               "--cross-validation) that every other folder is paired with")
     p.add_argument("recipes", type=Path, nargs="+", help="folders of fold models")
     p.add_argument("--last", action="store_true", help="the recipes' last-epoch scores")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    plain, minutes, speed = read_plain(args.plain)
-    print("| recipe | out-of-fold IoU (vs plain; 95% paired bootstrap) | out-of-fold "
-          "thresholded Jaccard (vs plain; 95% paired bootstrap) | minutes per fold | images/s |")
-    print("| --- | --- | --- | --- | --- |")
-    print(f"| plain loop ({args.plain}) | {' | '.join(cell(plain, None))} | "
-          f"{number(minutes, 2)} | {number(speed, 1)} |")
+
+def main(argv=None):
+    args = parse_args(argv)
     gains = []
+    if args.plain is not None:
+        baseline, minutes, speed = read_plain(args.plain)
+        what, first = "plain", [f"| plain loop ({args.plain}) | "
+                                f"{' | '.join(cell(baseline, None))} | {number(minutes, 2)} | "
+                                f"{number(speed, 1)} |"]
+    else:
+        run = read_recipe(args.reference, args.last)
+        baseline = variants_of(run[0]).get(PLAIN_VARIANT)
+        if not baseline:
+            sys.exit(f"no plain variant (tta none, no post-processing) scored in "
+                     f"{args.reference}")
+        what, first = "reference", recipe_rows(args.reference, run, None, gains)
+    print(f"| recipe | out-of-fold IoU (vs {what}; 95% paired bootstrap) | out-of-fold "
+          f"thresholded Jaccard (vs {what}; 95% paired bootstrap) | minutes per fold | "
+          f"images/s |")
+    print("| --- | --- | --- | --- | --- |")
+    print("\n".join(first))
     for folder in args.recipes:
-        rows, minutes, speed = read_recipe(folder, args.last)
-        variants = {}
-        for r in rows:
-            variants.setdefault((r["tta"], r["postprocess"]), []).append(r)
-        base = variants.get(PLAIN_VARIANT)
-        # plain first, then post-processing, flips, both
-        for variant, mine in sorted(variants.items(), key=lambda v: (v[0][0] != "none", v[0])):
-            name = folder.name if variant == PLAIN_VARIANT else \
-                f"{folder.name}, tta {variant[0]}, post-processing {variant[1]}"
-            timing = f"{number(minutes, 2)} | {number(speed, 1)}" if variant == PLAIN_VARIANT \
-                else " | "
-            print(f"| {name} | {' | '.join(cell(mine, plain))} | {timing} |")
-            if variant != PLAIN_VARIANT and base:
-                d = paired(fold_means(mine), fold_means(base))
-                b = per_image_difference(mine, base)
-                gains.append(f"{name}: over no TTA/post-processing, IoU {d['iou'][0]:+.3f} ± "
-                             f"{d['iou'][1]:.3f}, thresholded Jaccard "
-                             f"{d['threshold_jaccard'][0]:+.3f} ± "
-                             f"{d['threshold_jaccard'][1]:.3f} (paired over folds); 95% paired "
-                             f"bootstrap over images: IoU [{b['iou']['low']:+.3f}, "
-                             f"{b['iou']['high']:+.3f}], thresholded Jaccard "
-                             f"[{b['threshold_jaccard']['low']:+.3f}, "
-                             f"{b['threshold_jaccard']['high']:+.3f}]")
+        print("\n".join(recipe_rows(folder, read_recipe(folder, args.last), baseline, gains)))
     print("\n".join([""] + gains))
 
 

@@ -6,10 +6,11 @@ much longer validation at each image's original size takes than at network size.
     python benchmarks/gpu_check.py --cpu-smoke   # the same code path, shrunk, on a CPU
 
 With no CUDA device it shrinks itself to the CPU smoke run and says so. The training step and
-validation timed are train_model's own (train_one_epoch and validate, through
-benchmarks/pipeline.py's train_steps and measure_validation), with train_model's defaults and
-the project's loaders (load_dataset.make_loader), on generated images in a temporary folder.
-The last line is one JSON object.
+validation timed are the project's own (engine.train_one_epoch and engine.validate, through
+benchmarks/pipeline.py's train_steps and measure_validation), with train_model.py's default
+run (the block of constants in benchmarks/pipeline.py, which these measures use) and the
+project's loaders (load_dataset.make_loader), on generated images in a temporary folder.
+The last line is one JSON object; docs/speed.md shows a run.
 """
 import argparse
 import json
@@ -22,13 +23,15 @@ from pathlib import Path
 
 import torch
 
-# benchmarks/pipeline.py, beside this file; importing it puts the repository on sys.path
-from pipeline import (BATCH_SIZE, CHANNELS_LAST, CUDNN_BENCHMARK, ENCODER, IMAGE_SIZE,
-                      MIXED_PRECISION, SIZE_CYCLE, WORKERS, build_cache, make_train_loader,
-                      measure_validation, new_training, next_epoch, timed_pass, train_steps,
-                      write_set)
+# benchmarks/pipeline.py, beside this file; importing it puts the repository on sys.path.
+# Its block of constants is train_model.py's default run: what this check measures on a GPU.
+from pipeline import (ARCH, BATCH_SIZE, CHANNELS_LAST, CUDNN_BENCHMARK, ENCODER, IMAGE_SIZE,
+                      MIXED_PRECISION, SIZE_CYCLE, WORKERS, ImageSet, Precision, build_cache,
+                      make_train_loader, measure_validation, new_training, next_epoch,
+                      timed_pass, train_steps, write_set)
 
-import model as model_lib  # noqa: E402  (pipeline put the repository on sys.path)
+import device as device_lib  # noqa: E402  (pipeline put the repository on sys.path)
+import engine  # noqa: E402
 
 # valid_images: the ISIC-size mix of the validation measure (two cycles of pipeline's mix);
 # valid_encoder: the same model as pipeline.py's validation measure
@@ -50,14 +53,16 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help=f"default {GPU['batch']} on GPU")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per mode")
     p.add_argument("--workers", type=int, default=WORKERS,
-                   help="loader workers (default train_model.WORKERS)")
+                   help="loader workers (default WORKERS, train_model.py's)")
     return p.parse_args(argv)
 
 
 def setup(args):
-    """(config, device, mixed, channels_last), with one line saying what runs where."""
-    device = model_lib.pick_device("cpu" if args.cpu_smoke else "auto")
-    cuda = device.type == "cuda"
+    """(config, Precision), with one line saying what runs where. The device and cuDNN are
+    set up as train_model.py sets them up (device.prepare)."""
+    compute = device_lib.prepare("cpu" if args.cpu_smoke else "auto", MIXED_PRECISION,
+                                 CHANNELS_LAST, CUDNN_BENCHMARK)
+    cuda = compute.device.type == "cuda"
     cfg = dict(GPU if cuda else CPU_SMOKE)
     for key in ("encoder", "batch", "steps"):
         if getattr(args, key) is not None:
@@ -66,7 +71,6 @@ def setup(args):
     if cuda:
         name = torch.cuda.get_device_name()
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16 + GradScaler"
-        torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
         print(f"GPU check on {name}, torch {torch.__version__}, mixed precision = {dtype}, "
               f"cudnn.benchmark = {CUDNN_BENCHMARK}, float32 convolutions may use "
               f"TF32 (torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32})")
@@ -75,27 +79,24 @@ def setup(args):
         print(f"CPU SMOKE RUN ({why}): shrunk to {cfg['encoder']} at {cfg['size'][0]}x"
               f"{cfg['size'][1]}, batch {cfg['batch']}, {cfg['steps']} steps; this checks the "
               f"code path only, the figures are not GPU figures (the CPU computes in "
-              f"{model_lib.precision_line(device, MIXED_PRECISION, CHANNELS_LAST)}, as in "
-              f"train_model)")
-    mixed = model_lib.autocast_dtype(device, MIXED_PRECISION) is not None
-    return cfg, device, mixed, model_lib.use_channels_last(device, CHANNELS_LAST, mixed)
+              f"{device_lib.precision_line(compute.device, MIXED_PRECISION, CHANNELS_LAST)}, "
+              f"as in train_model.py)")
+    return cfg, Precision.of(compute)
 
 
-def training_rate(encoder, batches, steps, warmup, device, mixed, channels_last):
+def training_rate(encoder, batches, steps, warmup, precision):
     """Images/s of the training step over batches already on the device; peak GPU memory (MB)."""
+    device = precision.device
     model, optimizer, loss_fn = new_training(encoder, device=device)
     model.to(device)
-    if channels_last:
+    if precision.channels_last:
         model.to(memory_format=torch.channels_last)
-    scaler = None
-    if model_lib.autocast_dtype(device, mixed) == torch.float16:  # as train_model decides
-        scaler = torch.amp.GradScaler("cuda")
+    scaler = engine.make_scaler(device, precision.mixed)  # float16 autocast: a GradScaler
     cycle = (batches[i % len(batches)] for i in range(warmup + steps))
-    train_steps(model, optimizer, loss_fn, cycle, warmup, device, mixed, channels_last, scaler)
+    train_steps(model, optimizer, loss_fn, cycle, warmup, precision, scaler)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    n, seconds = train_steps(model, optimizer, loss_fn, cycle, steps, device, mixed,
-                             channels_last, scaler)
+    n, seconds = train_steps(model, optimizer, loss_fn, cycle, steps, precision, scaler)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
     return n / seconds, peak, (model, optimizer, loss_fn, scaler)
 
@@ -109,8 +110,9 @@ def loader_rate(loader, min_seconds):
     return images / seconds
 
 
-def measure_training(cfg, args, device, mixed, channels_last, tmp):
+def measure_training(cfg, args, precision, tmp):
     """Loader, float32, mixed + channels_last and full-pipeline images/s on one image set."""
+    device = precision.device
     pairs, _ = write_set(tmp, [cfg["source"]] * cfg["images"], seed=3)
     r = {"pairs": len(pairs), "build": build_cache(pairs, tmp, cfg["size"])}
     loader = make_train_loader(pairs, tmp, cfg["size"], cfg["batch"], True, args.workers,
@@ -120,36 +122,38 @@ def measure_training(cfg, args, device, mixed, channels_last, tmp):
     on_device = [(x.to(device), y.to(device), ids) for x, y, ids in
                  (b for _, b in zip(range(4), next_epoch(loader)) if b is not None)]
     r["fp32_ips"], r["fp32_mem"], state = training_rate(
-        cfg["encoder"], on_device, cfg["steps"], cfg["warmup"], device, False, False)
+        cfg["encoder"], on_device, cfg["steps"], cfg["warmup"], Precision(device))
     del state  # free the float32 model before the next one's peak memory is taken
     if device.type == "cuda":
         torch.cuda.empty_cache()
     r["amp_ips"], r["amp_mem"], state = training_rate(
-        cfg["encoder"], on_device, cfg["steps"], cfg["warmup"], device, mixed, channels_last)
+        cfg["encoder"], on_device, cfg["steps"], cfg["warmup"], precision)
     # the full pipeline: the same (mixed, channels_last) model fed by the cached loader
     model, optimizer, loss_fn, scaler = state
     n, t = train_steps(model, optimizer, loss_fn, next_epoch(loader),
-                       min(cfg["steps"], len(loader)), device, mixed, channels_last, scaler)
+                       min(cfg["steps"], len(loader)), precision, scaler)
     r["pipe_ips"] = n / t
     return r
 
 
-def report(cfg, args, r, v, cuda, mixed, started):
+def report(cfg, args, r, v, precision, started):
     """The table, then the JSON line."""
     h, w = cfg["size"]
+    cuda = precision.device.type == "cuda"
     amp_name = "mixed precision + channels_last" if cuda else \
-        f"train_model's precision on this CPU ({'bf16' if mixed else 'float32'})"
+        f"train_model.py's precision on this CPU ({'bf16' if precision.mixed else 'float32'})"
     rows = [
-        (f"training {cfg['encoder']} FPN {h}x{w}, batch {cfg['batch']}, float32", r["fp32_ips"],
+        (f"training {cfg['encoder']} {ARCH} {h}x{w}, batch {cfg['batch']}, float32",
+         r["fp32_ips"],
          f"peak {r['fp32_mem']:.0f} MB" if cuda else ""),
         (f"training, {amp_name}", r["amp_ips"], f"peak {r['amp_mem']:.0f} MB" if cuda else ""),
         (f"loader from the cache, {args.workers} workers"
-         f"{' (train_model.WORKERS)' if args.workers == WORKERS else ''}, augment",
+         f"{' (train_model.py WORKERS)' if args.workers == WORKERS else ''}, augment",
          r["loader_ips"], f"cache built at {r['pairs'] / r['build']:.0f} images/s"),
         ("full pipeline: cached loader + the mixed/channels_last step", r["pipe_ips"], ""),
-        (f"validation {cfg['valid_encoder']} FPN {h}x{w} at network size (+ loss, "
+        (f"validation {cfg['valid_encoder']} {ARCH} {h}x{w} at network size (+ loss, "
          f"batch_confusion)", v["network_ips"], f"{v['network_s']:.2f} s"),
-        ("validation at original size (train_model.validate's loop)", v["original_ips"],
+        ("validation at original size (engine.validate's loop)", v["original_ips"],
          f"{v['original_s']:.2f} s, {v['images']} ISIC-size images"),
     ]
     print(f"{'measure':<74}{'images/s':>10}")
@@ -183,18 +187,18 @@ def report(cfg, args, r, v, cuda, mixed, started):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg, device, mixed, channels_last = setup(args)
+    cfg, precision = setup(args)
     started = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     try:
-        r = measure_training(cfg, args, device, mixed, channels_last, tmp / "train")
+        r = measure_training(cfg, args, precision, tmp / "train")
         mix, _ = write_set(tmp / "mix", cfg["valid_images"], seed=4)
-        v = measure_validation(mix, tmp / "mix", cfg["size"], cfg["batch"], args.workers,
-                               cfg["valid_encoder"], cfg["valid_rounds"], device, mixed,
-                               channels_last)
+        v = measure_validation(ImageSet(mix, tmp / "mix", cfg["size"], cfg["batch"],
+                                        args.workers),
+                               cfg["valid_encoder"], cfg["valid_rounds"], precision)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report(cfg, args, r, v, device.type == "cuda", mixed, started)
+    report(cfg, args, r, v, precision, started)
     return 0
 
 

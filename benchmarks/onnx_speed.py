@@ -2,18 +2,22 @@
 
     python benchmarks/onnx_speed.py                                   # ENCODER at IMAGE_SIZE
     python benchmarks/onnx_speed.py --encoder resnet18 --image-size 96 96   # the demo's model
-    python benchmarks/onnx_speed.py --checkpoint Model/demo/resnet18.pth --tta flips
+    python benchmarks/onnx_speed.py --checkpoint Model/demo/demo_fpn_resnet18.pth --tta flips
 
 Each generated ISIC-sized JPEG (as benchmarks/pipeline.py writes them) is decoded once; then
 both ways are timed from the decoded uint8 image to the mask at the image's size: PyTorch
-through the functions test_model.py uses (cv2 area resize, normalisation, FPN, views, linear
-resize back, threshold) and the single ONNX graph of export_model.py. Every round times every
-image once each way, in alternating order; the figures are images per second per round, their
-median and spread (min to max), and the ratio. The untrained network (no checkpoint given)
-runs as fast as a trained one.
+through the functions of the modules test_model.py runs (preprocess.resize_pair's cv2 area
+resize, preprocess.to_tensor's normalisation, predict.predict_batch's network and views,
+preprocess.prob_to_original's linear resize back, preprocess.binarise, the 0/255 mask) and
+the single ONNX graph that `python export_model.py` writes (run as a subprocess, as a user
+runs it; its time includes Python's start-up). Every round times every image once each way,
+in alternating order; the figures are images per second per round, their median and spread
+(min to max), and the ratio. The untrained network (no checkpoint given) runs as fast as a
+trained one. docs/speed.md and docs/deployment.md show a run.
 """
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,42 +29,60 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import export_model  # noqa: E402
-import model as model_lib  # noqa: E402
-import pipeline  # noqa: E402  (its JPEG generator)
+import checkpoint  # noqa: E402
+import device as device_lib  # noqa: E402
+import pipeline  # noqa: E402  (its JPEG generator and untrained checkpoint)
+import predict  # noqa: E402
 import preprocess  # noqa: E402
-import test_model  # noqa: E402
 
-ENCODER = "se_resnext50_32x4d"  # train_model.py's default encoder ...
-IMAGE_SIZE = (320, 320)  # ... and network size (height, width)
+REPO = Path(__file__).resolve().parent.parent
+
+# train_model.py's default run: the network timed unless --checkpoint names one (the same
+# names and values as train_model.py's constants; test_model.py's MIXED_PRECISION and
+# CHANNELS_LAST, which --pytorch default runs in, are the same as train_model.py's)
+ENCODER = "se_resnext50_32x4d"
+IMAGE_SIZE = (320, 320)  # (height, width)
+MIXED_PRECISION = True
+CHANNELS_LAST = True
+
 SIZES = [(1024, 768), (2048, 1536), (3008, 2000), (4000, 3000)]  # (width, height) JPEGs
 ROUNDS = 5  # each round times every image once with each runtime
-SEED = 0  # of the generated images and the untrained network
+IMAGES_SEED = 0  # of the generated images
 
 
 def untrained_checkpoint(folder, encoder, size_hw):
-    """A checkpoint of an untrained FPN (speed does not depend on the weights)."""
-    torch.manual_seed(SEED)
-    net = model_lib.build_model(encoder, None, 5).eval()
-    settings = {"encoder": encoder, "encoder_depth": 5, "image_size": size_hw,
-                "threshold": 0.5}
+    """A checkpoint of an untrained network (speed does not depend on the weights)."""
     path = Path(folder) / f"{encoder}.pth"
-    model_lib.save_checkpoint(model_lib.checkpoint_record(net, settings, 0, None), path)
+    pipeline.untrained_checkpoint(path, encoder, size_hw)
     return path
 
 
 def decoded_images(folder):
     """The generated JPEGs, each decoded whole once (the timed ways start from these)."""
     tasks = [(w, h, Path(folder) / f"ISIC_{i:07d}.jpg", Path(folder) / f"ISIC_{i:07d}_m.png",
-              [SEED, i]) for i, (w, h) in enumerate(SIZES)]
+              [IMAGES_SEED, i]) for i, (w, h) in enumerate(SIZES)]
     for task in tasks:
         pipeline._write_pair(task)
     return [preprocess.read_image(task[2]) for task in tasks]
 
 
-def pytorch_mask(members, image, tta, threshold, precision=(False, False)):
-    prob = export_model.torch_probability(members, image, tta, precision)
-    return test_model.to_png_mask(test_model.finish_mask(prob, threshold, False))
+def pytorch_probability(members, image, tta, compute):
+    """The PyTorch path of test_model.py from a decoded image: each member's resize, network
+    and views, its map resized to the image's size, the mean over members."""
+    maps = []
+    for net, ckpt, _ in members:
+        settings = checkpoint.input_settings(ckpt)
+        small, _ = preprocess.resize_pair(image, None, settings.size_hw, settings.interpolation)
+        x = preprocess.to_tensor(small, settings.mean, settings.std)[None]
+        prob = predict.predict_batch(net, x, compute, tta)[0]
+        maps.append(preprocess.prob_to_original(prob, image.shape[:2]))
+    return maps[0] if len(maps) == 1 else np.mean(maps, axis=0)
+
+
+def pytorch_mask(members, image, tta, threshold, compute):
+    """The 0/255 mask test_model.py writes (test_model.finish_mask, to_png_mask)."""
+    prob = pytorch_probability(members, image, tta, compute)
+    return np.where(preprocess.binarise(prob, threshold), 255, 0).astype(np.uint8)
 
 
 def timed(fn):
@@ -71,9 +93,9 @@ def timed(fn):
 
 def measure(members, session, images, tta, rounds, precision):
     """Seconds [round][image] for each runtime; alternating which goes first. `precision`:
-    (threshold, (autocast?, channels_last?)) of the PyTorch path."""
-    threshold, amp = precision
-    ways = {"pytorch": lambda im: pytorch_mask(members, im, tta, threshold, amp),
+    (threshold, device.Compute) of the PyTorch path."""
+    threshold, compute = precision
+    ways = {"pytorch": lambda im: pytorch_mask(members, im, tta, threshold, compute),
             "onnxruntime": lambda im: session.run(["mask"], {"image": im})[0]}
     for fn in ways.values():  # warm up: first calls allocate and pick kernels
         fn(images[0])
@@ -115,7 +137,8 @@ def parse_args(argv=None):
     p.add_argument("--encoder", default=ENCODER)
     p.add_argument("--image-size", type=int, nargs=2, default=IMAGE_SIZE,
                    metavar=("H", "W"))
-    p.add_argument("--tta", default="none", choices=export_model.TTAS)
+    p.add_argument("--tta", default="none", choices=predict.TTA_MODES,
+                   help="test-time views (export_model.py says which the graph can hold)")
     p.add_argument("--rounds", type=int, default=ROUNDS)
     p.add_argument("--pytorch", choices=("float32", "default"), default="float32",
                    help="PyTorch in float32, as the graph computes, or in test_model.py's "
@@ -124,49 +147,66 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def export(paths, tta, out):
+    """Seconds of `python export_model.py` writing the ONNX file of `paths` to `out`."""
+    cmd = [sys.executable, str(REPO / "export_model.py"), "--checkpoint", *map(str, paths),
+           "--tta", tta, "--out", str(out)]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if done.returncode:
+        sys.exit(f"export_model.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def pytorch_compute(choice):
+    """The device.Compute of the PyTorch path: float32 (as the graph computes), or
+    test_model.py's default precision on this CPU."""
+    cpu = torch.device("cpu")
+    if choice == "default":
+        return device_lib.Compute(cpu, MIXED_PRECISION, CHANNELS_LAST)
+    return device_lib.Compute(cpu)
+
+
+def run(args, tmp):
+    """(members, images, seconds, export seconds, largest probability difference)."""
+    paths = args.checkpoint or [untrained_checkpoint(tmp, args.encoder,
+                                                     tuple(args.image_size))]
+    out = Path(tmp) / "model.onnx"
+    export_s = export(paths, args.tta, out)
+    compute = pytorch_compute(args.pytorch)
+    # in channels_last where the Compute uses it, as predict.load_model places the model
+    members = predict.load_predictor(list(map(str, paths)), None, compute).members
+    session = predict.onnx_session(out)  # as many threads as torch
+    threshold = float(members[0][1]["settings"]["threshold"])
+    images = decoded_images(tmp)
+    seconds = measure(members, session, images, args.tta, args.rounds, (threshold, compute))
+    worst = max(float(np.abs(session.run(["probability"], {"image": im})[0]
+                             - pytorch_probability(members, im, args.tta, compute)).max())
+                for im in images)
+    return members, images, seconds, export_s, worst
+
+
 def main(argv=None):
     import onnxruntime as ort
 
     args = parse_args(argv)
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="onnx-speed-") as tmp:
-        paths = args.checkpoint or [untrained_checkpoint(tmp, args.encoder,
-                                                         tuple(args.image_size))]
-        out = Path(tmp) / "model.onnx"
-        started = time.perf_counter()
-        export_model.export(export_model.parse_args(
-            ["--checkpoint", *map(str, paths), "--tta", args.tta, "--out", str(out)]))
-        export_s = time.perf_counter() - started
-        members = test_model.load_predictor(list(map(str, paths)), None,
-                                            torch.device("cpu")).members
-        cpu = torch.device("cpu")
-        amp = (False, False)
-        if args.pytorch == "default":
-            amp = (model_lib.autocast_dtype(cpu, test_model.MIXED_PRECISION) is not None,
-                   model_lib.use_channels_last(cpu, test_model.CHANNELS_LAST,
-                                               test_model.MIXED_PRECISION))
-        if not amp[1]:
-            members = [(net.to(memory_format=torch.contiguous_format), c, p)
-                       for net, c, p in members]
-        session = model_lib.onnx_session(out)  # as many threads as torch
-        threshold = float(members[0][1].get("threshold", 0.5))
-        images = decoded_images(tmp)
-        seconds = measure(members, session, images, args.tta, args.rounds, (threshold, amp))
-        worst = max(float(np.abs(session.run(["probability"], {"image": im})[0]
-                                 - export_model.torch_probability(members, im, args.tta,
-                                                                  amp)).max())
-                    for im in images)
-    ckpt = members[0][1]
-    size = ckpt["image_size"]
+        members, images, seconds, export_s, worst = run(args, tmp)
+    compute = pytorch_compute(args.pytorch)
+    runs = [c["settings"] for _, c, _ in members]
+    size = runs[0]["image_size"]
+    precision = device_lib.precision_line(compute.device, compute.mixed_precision,
+                                          compute.channels_last_setting)
     header = [
-        f"FPN {', '.join(c['encoder'] for _, c, _ in members)} at {size[0]}x{size[1]}, "
-        f"views {args.tta}, PyTorch in "
-        f"{model_lib.precision_line(torch.device('cpu'), amp[0], amp[1])}, onnxruntime in "
-        f"float32, on the CPU ({os.cpu_count()} cores; torch "
+        f"{', '.join(r['arch'] + ' ' + r['encoder'] for r in runs)} at {size[0]}x{size[1]}, "
+        f"views {args.tta}, PyTorch in {precision}, onnxruntime in float32, on the CPU "
+        f"({os.cpu_count()} cores; torch "
         f"{torch.__version__} with {torch.get_num_threads()} threads, onnxruntime "
         f"{ort.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})",
         f"{len(images)} decoded JPEGs ({', '.join(f'{w}x{h}' for w, h in SIZES)}), "
-        f"{args.rounds} rounds; export took {export_s:.0f} s",
+        f"{args.rounds} rounds; export (python export_model.py, start-up included) took "
+        f"{export_s:.0f} s",
         f"largest probability difference between the two on these images: {worst:.1e}",
         f"load average (1 min) {load_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} "
         f"at the end"]

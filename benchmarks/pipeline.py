@@ -10,19 +10,24 @@ On generated JPEGs of ISIC sizes (written to a temporary folder, removed afterwa
 - training images/s of the model alone (batches already in memory) and of the full pipeline
   (cached loader + workers + augmentation + the same training step);
 - validation images/s at network size (forward + loss + batch_confusion, as validation ran
-  before) and at each image's original size (train_model.validate's loop), and their ratio;
-- `test_model.py --image` on a 6000x4000 JPEG, split into read, preprocess, model and write;
+  before) and at each image's original size (engine.validate's loop), and their ratio;
+- `test_model.py --image` on a 6000x4000 JPEG, split into read, preprocess, model and write
+  (timed through the modules that script calls: preprocess, predict.predict_batch, and the
+  mask written as test_model.write_mask writes it, preprocess.atomic_write + PIL), and the
+  whole script once, end to end, as a subprocess (start-up, checkpoint, mask and overlay);
 - peak memory of one training epoch at 200 and at 2000 images (each in a fresh process).
-- precision: train_model's training step and model.probabilities in float32, bf16 and each
+- precision: engine's training step and predict.probabilities in float32, bf16 and each
   with channels_last, for resnet18 at 128x128 and se_resnext50_32x4d at 320x320: images/s,
   FLOPs per image (FlopCounterMode), GFLOP/s and its share of a 2048x2048 matmul in the same
   precision measured in the same run, and the bf16/float32 ratios (--precision-only: this
   part alone; one thread, --quick --precision-rounds 3, it took under 8 minutes).
 
-The training step and validation timed are train_model's own (train_one_epoch and validate,
-called in one place below), with train_model's defaults imported. The last line is one JSON
-object (cache_speedup, pipeline_share, valid_original_over_network, memory_growth, precision,
-...) so the figures can be tracked from run to run. The machine may be shared: the output says how much CPU other processes took
+The training step and validation timed are the project's own (engine.train_one_epoch and
+engine.validate, called in one place below, train_steps and validation_pass); what is measured
+by default is train_model.py's default run, declared in one block of constants below. The
+last line is one JSON object (cache_speedup, pipeline_share, valid_original_over_network,
+memory_growth, precision, ...) so the figures can be tracked from run to run (docs/speed.md
+shows a run). The machine may be shared: the output says how much CPU other processes took
 during the run, and speed ratios come from alternating rounds.
 """
 import argparse
@@ -37,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,16 +52,38 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import checkpoint  # noqa: E402
+import device as device_lib  # noqa: E402
+import engine  # noqa: E402  (the training step and validation timed here are its own)
 import load_dataset  # noqa: E402
 import metrics  # noqa: E402
 import model as model_lib  # noqa: E402
+import predict  # noqa: E402
 import preprocess  # noqa: E402
 
-import train_model  # noqa: E402  (the training step and validation timed here are its own)
-# train_model's defaults, imported: the benchmark times what a default run does
-from train_model import (BATCH_SIZE, CHANNELS_LAST, CUDNN_BENCHMARK, ENCODER,  # noqa: E402
-                         ENCODER_DEPTH, IMAGE_SIZE, LR, MIXED_PRECISION, SEED, THRESHOLD,
-                         WORKERS)
+# ----------------------------------------------------------------------------- defaults
+# train_model.py's default run: what the benchmarks measure unless a flag says otherwise
+# (the same names and values as train_model.py's constants; a test compares them)
+ARCH = "FPN"
+ENCODER = "se_resnext50_32x4d"
+ENCODER_DEPTH = 5
+IMAGE_SIZE = (320, 320)            # (height, width)
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+BATCH_SIZE = 8
+LR = 1e-4
+LOSS = "dice"
+THRESHOLD = 0.5
+SEED = 42
+WORKERS = min(8, max(1, (os.cpu_count() or 1) - 1))  # one core left to the model
+MIXED_PRECISION = True
+CHANNELS_LAST = True
+CUDNN_BENCHMARK = True
+
+# this benchmark's own CPU-sized training measure (the GPU check uses IMAGE_SIZE)
+TRAIN_ENCODER = "resnet18"
+TRAIN_SIZE = (160, 160)            # (height, width)
+# ---------------------------------------------------------------------------------------
 
 CPU = torch.device("cpu")
 
@@ -111,18 +139,41 @@ def write_set(root, sizes, seed):
 
 # ----------------------------------------------------------------------------- loaders
 
+@dataclass(frozen=True)
+class ImageSet:
+    """Generated pairs on disk and how a measure's loader reads them."""
+    pairs: list
+    root: Path
+    size: tuple  # network size (height, width)
+    batch: int = BATCH_SIZE
+    workers: int = WORKERS
+
+    def subset(self, count):
+        return replace(self, pairs=self.pairs[:count])
+
+
 def train_cache(root, size):
-    """The preprocessed cache of a data folder, where train_model puts it."""
+    """The preprocessed cache of a data folder, where train_model.py puts it."""
     return preprocess.PreprocessCache(load_dataset.cache_dir_for(root), tuple(size))
 
 
 def make_train_loader(pairs, root, size, batch, cache, workers, device=CPU):
-    """The training loader as train_model builds it (augmentation included)."""
+    """The training loader as train_model.py builds it (augmentation included)."""
     options = load_dataset.LoaderOptions(workers=workers, cache=train_cache(root, size)
                                          if cache else None, seed=SEED,
                                          pin_memory=device.type == "cuda")
-    return load_dataset.make_loader(pairs, preprocess.InputSettings(tuple(size)), batch,
-                                    options, train=True)
+    return load_dataset.make_loader(pairs, input_settings(size), batch, options, train=True)
+
+
+def input_settings(size):
+    """preprocess.InputSettings of a training run at `size` with train_model.py's MEAN, STD."""
+    return preprocess.InputSettings(tuple(size), preprocess.INTERPOLATION, MEAN, STD)
+
+
+def data_loader(data, cache=True, device=CPU):
+    """make_train_loader of an ImageSet."""
+    return make_train_loader(data.pairs, data.root, data.size, data.batch, cache, data.workers,
+                             device)
 
 
 def next_epoch(loader):
@@ -147,67 +198,81 @@ def sync(device):
 
 # ----------------------------------------------------------------------------- training step
 
-def new_training(encoder, seed=0, device=CPU):
-    """(model, optimiser, the training loss) built as train_model builds them, no pretrained
-    weights; the model is moved to `device` by the caller."""
-    torch.manual_seed(seed)
-    model = model_lib.build_model(encoder, None, ENCODER_DEPTH)
-    return model, train_model.make_optimizer(model, LR, device), model_lib.make_loss()
+@dataclass(frozen=True)
+class Precision:
+    """Where and in what the model computes, as engine.Trainer takes it: autocast on or off
+    and the memory format as they run (device.Compute turns the settings into these; the
+    precision measure also sets them directly, e.g. channels_last in float32 on a CPU)."""
+    device: torch.device = CPU
+    mixed: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def of(cls, compute):
+        """The Precision of a device.Compute (settings as train_model.py applies them)."""
+        return cls(compute.device, compute.mixed, compute.channels_last)
 
 
 def default_precision(device=CPU):
-    """(mixed, channels_last) as train_model.setup_device applies them on `device`."""
-    mixed = model_lib.autocast_dtype(device, MIXED_PRECISION) is not None
-    return mixed, model_lib.use_channels_last(device, CHANNELS_LAST, mixed)
+    """Precision of train_model.py's MIXED_PRECISION and CHANNELS_LAST on `device`."""
+    return Precision.of(device_lib.Compute(device, MIXED_PRECISION, CHANNELS_LAST))
+
+
+def new_training(encoder, seed=0, device=CPU):
+    """(model, optimiser, the training loss) built as train_model.py builds them (ARCH,
+    ENCODER_DEPTH, LR, LOSS; engine.make_optimizer), no pretrained weights; the model is moved
+    to `device` by the caller."""
+    torch.manual_seed(seed)
+    model = model_lib.build_model(encoder, None, ENCODER_DEPTH, ARCH)
+    return model, engine.make_optimizer(model, LR, device), model_lib.make_loss(LOSS)
 
 
 def new_default_training(encoder):
     """new_training on the CPU, in the memory format training uses there."""
     model, optimizer, loss_fn = new_training(encoder)
-    if default_precision()[1]:
+    if default_precision().channels_last:
         model.to(memory_format=torch.channels_last)
     return model, optimizer, loss_fn
 
 
 # The project's own loops, called here and nowhere else in the benchmarks (gpu_check.py
-# imports these two), so a change of their signatures is met in one place.
+# imports these two), through the engine module, so a change of their signatures is met in
+# one place and a test can replace them there.
 
-def train_steps(model, optimizer, loss_fn, batches, steps, device=CPU, mixed=False,
-                channels_last=False, scaler=None):
-    """(images, seconds) of train_model.train_one_epoch over the next `steps` batches (None
+def train_steps(model, optimizer, loss_fn, batches, steps, precision=Precision(), scaler=None):
+    """(images, seconds) of engine.train_one_epoch over the next `steps` batches (None
     batches count as steps and train nothing), the step a training run takes."""
-    trainer = model_lib.Trainer(model, loss_fn, device, optimizer, scaler, mixed, channels_last,
-                                THRESHOLD)
-    sync(device)
+    trainer = engine.Trainer(model, loss_fn, precision.device, optimizer, scaler,
+                             precision.mixed, precision.channels_last, THRESHOLD)
+    sync(precision.device)
     t0 = time.perf_counter()
-    trained = train_model.train_one_epoch(trainer, itertools.islice(batches, steps), 1, [],
-                                          progress=False)
-    sync(device)
+    trained = engine.train_one_epoch(trainer, itertools.islice(batches, steps), 1, [],
+                                     progress=False)
+    sync(precision.device)
     return trained.images, time.perf_counter() - t0
 
 
-def validation_pass(model, loader, loss_fn, device=CPU, mixed=False, channels_last=False,
-                    threads=1):
-    """(images, seconds) of train_model.validate over the loader: the loss at network size,
+def validation_pass(model, loader, loss_fn, precision=Precision(), threads=1):
+    """(images, seconds) of engine.validate over the loader: the loss at network size,
     each probability map resized to its true mask's size, cut and scored in threads."""
     t0 = time.perf_counter()
-    trainer = model_lib.Trainer(model, loss_fn, device, mixed=mixed,
-                                channels_last=channels_last, threshold=THRESHOLD)
-    scores = train_model.validate(trainer, loader, threads)
+    trainer = engine.Trainer(model, loss_fn, precision.device, mixed=precision.mixed,
+                             channels_last=precision.channels_last, threshold=THRESHOLD)
+    scores = engine.validate(trainer, loader, threads)
     return scores["images"], time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- measures
 
-def measure_loader(pairs, root, size, batch, workers, min_seconds):
+def measure_loader(data, min_seconds):
     """Images/s uncached, first (cache-building) pass, and cached; each a training loader."""
     out = {}
-    uncached = make_train_loader(pairs, root, size, batch, cache=False, workers=workers)
+    uncached = data_loader(data, cache=False)
     n, t = timed_pass(uncached)  # worker start-up counted: < 1% of a decode-bound pass
     out["uncached"] = (n / t, t)
     del uncached
 
-    cached = make_train_loader(pairs, root, size, batch, cache=True, workers=workers)
+    cached = data_loader(data)
     n, t = timed_pass(cached)  # empty cache: the workers decode, resize and write entries
     out["first"] = (n / t, t)
     timed_pass(cached)  # warm-up: persistent workers started, entries in the page cache
@@ -229,7 +294,16 @@ def build_cache(pairs, root, size):
     return time.perf_counter() - t0
 
 
-def measure_training(pairs, root, size, batch, workers, encoder, steps, rounds, budget):
+@dataclass(frozen=True)
+class Rounds:
+    """How a speed measure repeats: steps per round, rounds, and the seconds after which it
+    stops early (after at least two rounds)."""
+    steps: int
+    rounds: int
+    budget: float = float("inf")
+
+
+def measure_training(data, encoder, rounds):
     """Per round: images/s of the model alone (batches in memory) and of the full pipeline.
 
     The two run back to back in each round, in the order AB then BA. Other processes on a
@@ -238,23 +312,24 @@ def measure_training(pairs, root, size, batch, workers, encoder, steps, rounds, 
     pipeline round starts a fresh epoch (workers start with nothing prefetched), as pessimistic
     as an epoch boundary every `steps` steps. Rounds stop early (after at least two) once
     `budget` seconds are spent: contention can slow two torch threads twenty-fold."""
-    loader = make_train_loader(pairs, root, size, batch, cache=True, workers=workers)
+    loader = data_loader(data)
+    steps = rounds.steps
     if len(loader) < steps:
-        raise SystemExit(f"{len(pairs)} pairs give {len(loader)} batches; need {steps}")
+        raise SystemExit(f"{len(data.pairs)} pairs give {len(loader)} batches; need {steps}")
     # same augmented tensors, same size
     in_memory = list(itertools.islice(next_epoch(loader), steps))
     model, optimizer, loss_fn = new_default_training(encoder)
     amp = default_precision()  # the CPU's default precision, as a training run takes it
-    train_steps(model, optimizer, loss_fn, iter(in_memory), 2, CPU, *amp)  # warm-up
+    train_steps(model, optimizer, loss_fn, iter(in_memory), 2, amp)  # warm-up
     timed_pass(loader)  # warm-up: workers started, cache entries read once
     alone, pipeline = [], []
     started = time.perf_counter()
-    for r in range(rounds):
-        if r >= 2 and time.perf_counter() - started > budget:
+    for r in range(rounds.rounds):
+        if r >= 2 and time.perf_counter() - started > rounds.budget:
             break
         for source in (("alone", "pipeline") if r % 2 == 0 else ("pipeline", "alone")):
             batches = iter(in_memory) if source == "alone" else next_epoch(loader)
-            n, t = train_steps(model, optimizer, loss_fn, batches, steps, CPU, *amp)
+            n, t = train_steps(model, optimizer, loss_fn, batches, steps, amp)
             (alone if source == "alone" else pipeline).append(n / t)
     return alone, pipeline
 
@@ -262,10 +337,11 @@ def measure_training(pairs, root, size, batch, workers, encoder, steps, rounds, 
 # ----------------------------------------------------------------------------- validation
 
 @torch.inference_mode()
-def network_size_pass(model, loader, loss_fn, device, mixed=False, channels_last=False):
+def network_size_pass(model, loader, loss_fn, precision=Precision()):
     """(images, seconds) of validation at network size, as training validated before: forward,
     loss, metrics.batch_confusion against the network-size masks. Not the project's
     validation (validation_pass is): the reference that prices scoring at original size."""
+    device = precision.device
     model.eval()
     counts = []
     sync(device)
@@ -274,8 +350,9 @@ def network_size_pass(model, loader, loss_fn, device, mixed=False, channels_last
         if batch is None:
             continue
         masks = batch[1].to(device, non_blocking=True)
-        with model_lib.autocast(device, mixed):
-            logits = model(model_lib.to_device(batch[0], device, channels_last)).float()
+        with device_lib.autocast(device, precision.mixed):
+            logits = model(device_lib.to_device(batch[0], device,
+                                                precision.channels_last)).float()
         loss_fn(logits, masks).item()
         counts += metrics.batch_confusion(torch.sigmoid(logits), masks, THRESHOLD).tolist()
     sync(device)
@@ -294,25 +371,31 @@ def peak_extra_mb(run):
     return result, (_kb("self", "VmHWM", "status") - before) / 1024
 
 
-def measure_validation(pairs, root, size, batch, workers, encoder, rounds, device=CPU,
-                       mixed=False, channels_last=False):
+def validation_passes(data, encoder, precision):
+    """{"network": pass, "original": pass}: the two validations of one model over the same
+    cached images, each a function giving (images, seconds)."""
+    device = precision.device
+    options = load_dataset.LoaderOptions(workers=data.workers,
+                                         cache=train_cache(data.root, data.size),
+                                         pin_memory=device.type == "cuda")
+    common = dict(settings=input_settings(data.size), batch_size=data.batch, options=options)
+    network = load_dataset.make_loader(data.pairs, **common)
+    original = load_dataset.make_loader(data.pairs, truth=True, **common)
+    torch.manual_seed(0)
+    model = model_lib.build_model(encoder, None, ENCODER_DEPTH, ARCH).to(device)
+    if precision.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loss_fn = model_lib.make_loss(LOSS)
+    return {"network": lambda: network_size_pass(model, network, loss_fn, precision),
+            "original": lambda: validation_pass(model, original, loss_fn, precision,
+                                                threads=max(1, data.workers))}
+
+
+def measure_validation(data, encoder, rounds, precision=Precision()):
     """Seconds of a validation pass at network size and at original size, same model, images
     and cache (built before timing), in alternating rounds; the best round of each counts."""
-    build_cache(pairs, root, size)  # image entries and true masks: nothing decoded when timed
-    options = load_dataset.LoaderOptions(workers=workers, cache=train_cache(root, size),
-                                         pin_memory=device.type == "cuda")
-    common = dict(settings=preprocess.InputSettings(tuple(size)), batch_size=batch,
-                  options=options)
-    network = load_dataset.make_loader(pairs, **common)
-    original = load_dataset.make_loader(pairs, truth=True, **common)
-    torch.manual_seed(0)
-    model = model_lib.build_model(encoder, None, ENCODER_DEPTH).to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    loss_fn, amp = model_lib.make_loss(), (mixed, channels_last)
-    passes = {"network": lambda: network_size_pass(model, network, loss_fn, device, *amp),
-              "original": lambda: validation_pass(model, original, loss_fn, device, *amp,
-                                                  threads=max(1, workers))}
+    build_cache(data.pairs, data.root, data.size)  # entries and true masks: nothing decoded
+    passes = validation_passes(data, encoder, precision)
     for run in passes.values():
         run()  # warm-up: workers started, entries in the page cache, allocator grown
     seconds, extra_mb = {key: [] for key in passes}, {key: [] for key in passes}
@@ -329,54 +412,104 @@ def measure_validation(pairs, root, size, batch, workers, encoder, rounds, devic
             "median_ratio": statistics.median(o / w for w, o in zip(seconds["network"],
                                                                     seconds["original"])),
             "rounds": seconds, "peak_extra_mb": extra_mb,
-            "pixels": sum(w * h for w, h in (preprocess.stored_hw(p.mask) for p in pairs))}
+            "pixels": sum(w * h for w, h in (preprocess.stored_hw(p.mask) for p in data.pairs))}
+
+
+# ----------------------------------------------------------------------------- one image
+
+def untrained_settings(encoder, size):
+    """The settings record (checkpoint.make_checkpoint's run["settings"]) of an untrained
+    network of train_model.py's default run with `encoder` at `size`."""
+    return {"arch": ARCH, "encoder": encoder, "encoder_depth": ENCODER_DEPTH,
+            "image_size": list(size), "mean": list(MEAN), "std": list(STD),
+            "threshold": THRESHOLD, "interpolation": preprocess.INTERPOLATION, "seed": SEED,
+            "lr": LR, "loss": LOSS, "folds": 1, "fold": None, "data": "", "demo": False}
+
+
+def untrained_checkpoint(path, encoder, size):
+    """(model, checkpoint dict), the checkpoint also written to `path` (None: not written):
+    an untrained network (speed does not depend on the weights)."""
+    torch.manual_seed(SEED)
+    model = model_lib.build_model(encoder, None, ENCODER_DEPTH, ARCH).eval()
+    ckpt = checkpoint.make_checkpoint(model, {"settings": untrained_settings(encoder, size)},
+                                      0, None)
+    if path is not None:
+        checkpoint.save_checkpoint(ckpt, path)
+    return model, ckpt
+
+
+def write_png_mask(pred, path):
+    """A bool mask as test_model.write_mask writes it: 0/255, 8-bit grayscale PNG, fast
+    compression, through preprocess.atomic_write."""
+    from PIL import Image
+
+    with preprocess.atomic_write(path) as tmp:
+        Image.fromarray(np.where(pred, 255, 0).astype(np.uint8)).save(tmp, format="PNG",
+                                                                       compress_level=1)
+
+
+def image_stages(path, model, ckpt, trained_like, out):
+    """Seconds of read, preprocess, model, write, and predict.predict (read to upsample) for
+    one image, as test_model.py --image runs them on the CPU in its default precision."""
+    compute = device_lib.Compute(CPU, MIXED_PRECISION, CHANNELS_LAST)
+    settings = checkpoint.input_settings(ckpt)
+    t0 = time.perf_counter()
+    info = preprocess.image_info(path)
+    image = preprocess.read_image(path, min_hw=settings.size_hw)
+    t1 = time.perf_counter()
+    small, _ = preprocess.resize_pair(image, None, settings.size_hw, settings.interpolation)
+    tensor = preprocess.to_tensor(small, settings.mean, settings.std)[None]
+    t2 = time.perf_counter()
+    predict.predict_batch(model, tensor, compute)
+    t3 = time.perf_counter()
+    prob = preprocess.prob_to_original(trained_like, (info["height"], info["width"]))
+    write_png_mask(preprocess.binarise(prob, THRESHOLD), out / "mask_segmentation.png")
+    t4 = time.perf_counter()
+    predict.predict(model, ckpt, Path(path), compute)  # a check on the split
+    t5 = time.perf_counter()
+    times = (t0, t1, t2, t3, t4, t5)
+    return {key: end - start for key, start, end in
+            zip(("read", "preprocess", "model", "write", "predict"), times, times[1:])}
+
+
+def script_seconds(path, ckpt_path, out):
+    """Wall seconds of `python test_model.py --image PATH` on the CPU, run as a user runs it
+    (a subprocess: start-up, imports, checkpoint, prediction, mask, overlay figure)."""
+    cmd = [sys.executable, str(REPO / "test_model.py"), "--image", str(path), "--checkpoint",
+           str(ckpt_path), "--out", str(out), "--device", "cpu"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    seconds = time.perf_counter() - t0
+    if done.returncode:
+        raise SystemExit(f"test_model.py --image failed:\n{done.stderr[-3000:]}")
+    return seconds
 
 
 def measure_image(path, mask_path, encoder, size, repeats):
-    """Seconds per stage of test_model.py --image on one image (median of `repeats`).
+    """Seconds per stage of test_model.py --image on one image (median of `repeats`), and of
+    the whole script once.
 
     The model is untrained (no weights here), and its near-0.5 output would binarise to
-    speckle that PNG and the overlay's contour handle far more slowly than a lesion. The write
-    and overlay stages therefore get the map a trained model gives: the true mask at network
-    size, blurred. The model stage still runs the real forward pass on the real input."""
-    import test_model
-
-    model = model_lib.build_model(encoder, None, ENCODER_DEPTH).eval()
-    ckpt = {"image_size": list(size)}
-    settings = model_lib.input_settings(ckpt)
+    speckle that PNG handles far more slowly than a lesion. The write stage therefore gets the
+    map a trained model gives: the true mask at network size, blurred. The model stage still
+    runs the real forward pass on the real input. The script run (the overlay figure
+    included) writes the untrained model's own mask."""
+    out = Path(tempfile.mkdtemp(prefix="image-bench-"))
+    model, ckpt = untrained_checkpoint(out / "untrained.pth", encoder, size)
+    if default_precision().channels_last:  # as predict.load_model places it
+        model.to(memory_format=torch.channels_last)
     truth = preprocess.read_mask(mask_path).astype(np.float32)
     trained_like = cv2.GaussianBlur(cv2.resize(truth, size[::-1], interpolation=cv2.INTER_AREA),
                                     (0, 0), 2)
-    out = Path(tempfile.mkdtemp(prefix="image-bench-"))
-    stages = {k: [] for k in ("read", "preprocess", "model", "write", "overlay", "predict")}
     try:
-        test_model.predict_batch(model, torch.zeros(1, 3, *size), CPU)  # warm-up
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            info = preprocess.image_info(path)
-            image = preprocess.read_image(path, min_hw=settings.size_hw)
-            t1 = time.perf_counter()
-            small, _ = preprocess.resize_pair(image, None, settings.size_hw,
-                                              settings.interpolation)
-            tensor = preprocess.to_tensor(small, settings.mean, settings.std)[None]
-            t2 = time.perf_counter()
-            test_model.predict_batch(model, tensor, CPU)
-            t3 = time.perf_counter()
-            prob = preprocess.prob_to_original(trained_like, (info["height"], info["width"]))
-            pred = preprocess.binarise(prob, THRESHOLD)
-            test_model.write_mask(test_model.to_png_mask(pred), out / "mask_segmentation.png")
-            t4 = time.perf_counter()
-            test_model.save_overlay(Path(path), prob, pred, None, out / "overlay.png", "bench")
-            t5 = time.perf_counter()
-            # test_model.predict itself (read .. model, then the upsampling): a check on the split
-            test_model.predict(model, ckpt, Path(path), CPU)
-            t6 = time.perf_counter()
-            times = (t0, t1, t2, t3, t4, t5, t6)
-            for key, start, end in zip(stages, times, times[1:]):
-                stages[key].append(end - start)
+        predict.predict_batch(model, torch.zeros(1, 3, *size),
+                              device_lib.Compute(CPU, MIXED_PRECISION, CHANNELS_LAST))  # warm-up
+        runs = [image_stages(path, model, ckpt, trained_like, out) for _ in range(repeats)]
+        stages = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        stages["script"] = script_seconds(path, out / "untrained.pth", out / "script")
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return {k: statistics.median(v) for k, v in stages.items()}
+    return stages
 
 
 # ----------------------------------------------------------------------------- precision
@@ -426,12 +559,14 @@ def synthetic_batch(size, batch):
     return images, masks
 
 
-def inference_rate(model, images, device, mixed, channels_last, repeats):
-    """Images/s of model.probabilities, the forward pass test_model.py and the ensembles run."""
+def inference_rate(model, images, precision, repeats):
+    """Images/s of predict.probabilities, the forward pass test_model.py and the ensembles
+    run."""
     t0 = time.perf_counter()
     for _ in range(repeats):
-        model_lib.probabilities(model, images, device, mixed, channels_last)
-    sync(device)
+        predict.probabilities(model, images, precision.device, precision.mixed,
+                              precision.channels_last)
+    sync(precision.device)
     return repeats * images.shape[0] / (time.perf_counter() - t0)
 
 
@@ -443,14 +578,15 @@ def measure_precision(encoder, size, batch, steps, rounds, device=CPU):
     batch_list = [(images, masks, None)] * steps
     variants = {}
     for name, mixed, channels_last in PRECISION_VARIANTS:
-        mixed = mixed and model_lib.autocast_dtype(device, True) is not None
+        precision = Precision(device, mixed and device_lib.autocast_dtype(device, True)
+                              is not None, channels_last)
         model, optimizer, loss_fn = new_training(encoder)
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        train_steps(model, optimizer, loss_fn, iter(batch_list), 2, device, mixed,
-                    channels_last)  # warm-up: oneDNN primitives, Adam's state
-        variants[name] = dict(model=model, optimizer=optimizer, loss_fn=loss_fn, mixed=mixed,
-                              channels_last=channels_last, train=[], infer=[])
+        train_steps(model, optimizer, loss_fn, iter(batch_list), 2,
+                    precision)  # warm-up: oneDNN primitives, Adam's state
+        variants[name] = dict(model=model, optimizer=optimizer, loss_fn=loss_fn,
+                              precision=precision, train=[], infer=[])
     peaks = {"float32": [], "bf16": []}
     names = list(variants)
     for r in range(rounds):
@@ -459,15 +595,16 @@ def measure_precision(encoder, size, batch, steps, rounds, device=CPU):
         for name in names[r % len(names):] + names[:r % len(names)]:
             v = variants[name]
             n, t = train_steps(v["model"], v["optimizer"], v["loss_fn"], iter(batch_list),
-                               steps, device, v["mixed"], v["channels_last"])
+                               steps, v["precision"])
             v["train"].append(n / t)
-            v["infer"].append(inference_rate(v["model"], images, device, v["mixed"],
-                                             v["channels_last"], max(2, steps // 2)))
+            v["infer"].append(inference_rate(v["model"], images, v["precision"],
+                                             max(2, steps // 2)))
     train_flops, infer_flops = flops_per_image(encoder, size, batch)
     return {"encoder": encoder, "size": list(size), "batch": batch, "steps": steps,
             "train_flops": train_flops, "infer_flops": infer_flops,
             "peak": {k: max(v) for k, v in peaks.items()}, "peak_rounds": peaks,
-            "variants": {name: {"mixed": v["mixed"], "channels_last": v["channels_last"],
+            "variants": {name: {"mixed": v["precision"].mixed,
+                                "channels_last": v["precision"].channels_last,
                                 "train": v["train"], "infer": v["infer"]}
                          for name, v in variants.items()}}
 
@@ -500,7 +637,7 @@ def precision_lines(p):
               f"inference {f32cl[1] / f32[1]:.2f}x; bf16 training {b16cl[0] / b16[0]:.2f}x, "
               f"inference {b16cl[1] / b16[1]:.2f}x",
               f"  (best of {len(p['variants']['float32']['train'])} rotating rounds of "
-              f"{p['steps']} train_model.train_one_epoch steps and model.probabilities passes; "
+              f"{p['steps']} engine.train_one_epoch steps and predict.probabilities passes; "
               f"goal: the step at >= 50% of its precision's peak)"]
     return lines
 
@@ -578,8 +715,8 @@ def memory_child(args):
     sampler.start()
     steps = len(loader) if args.memory_steps <= 0 else min(args.memory_steps, len(loader))
     iterator = next_epoch(loader)
-    trained, seconds = train_steps(model, optimizer, loss_fn, iterator, steps, CPU,
-                                   *default_precision())
+    trained, seconds = train_steps(model, optimizer, loss_fn, iterator, steps,
+                                   default_precision())
     drained = sum(b[0].shape[0] for b in iterator if b is not None)  # the rest of the epoch
     worker_hwm = [_kb(p, "VmHWM", "status") for p in _children(os.getpid())]
     sampler.stop.set()
@@ -617,15 +754,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer images, steps and rounds")
-    p.add_argument("--encoder", default="resnet18",
+    p.add_argument("--encoder", default=TRAIN_ENCODER,
                    help="encoder of the training and validation measures")
-    p.add_argument("--size", type=int, nargs=2, default=(160, 160), metavar=("H", "W"),
-                   help="training size (CPU-sized; the GPU check uses 320x320)")
+    p.add_argument("--size", type=int, nargs=2, default=TRAIN_SIZE, metavar=("H", "W"),
+                   help="training size (CPU-sized; the GPU check uses IMAGE_SIZE)")
     p.add_argument("--loader-size", type=int, nargs=2, default=IMAGE_SIZE, metavar=("H", "W"),
                    help="working size of the loader and validation measures")
     p.add_argument("--batch", type=int, default=BATCH_SIZE)
     p.add_argument("--workers", type=int, default=WORKERS,
-                   help="loader workers (train_model.WORKERS)")
+                   help="loader workers (WORKERS: train_model.py's default)")
     p.add_argument("--image-encoder", default=ENCODER,
                    help="encoder of the --image measure (one forward pass)")
     p.add_argument("--mix-images", type=int, default=None,
@@ -741,21 +878,20 @@ def run_measures(args, tmp):
     say(f"writing {len(r['sizes'])} ISIC-size JPEGs and 2000 small ones to {tmp} ...")
     mix_pairs, r["mix_bytes"] = write_set(tmp / "mix", r["sizes"], seed=1)
     small_pairs, _ = write_set(tmp / "small", [SMALL_SOURCE] * 2000, seed=2)
+    mix = ImageSet(mix_pairs, tmp / "mix", args.loader_size, args.batch, args.workers)
+    small = ImageSet(small_pairs, tmp / "small", args.size, args.batch, args.workers)
     say("loader ...")
-    r["loader"] = measure_loader(mix_pairs, tmp / "mix", args.loader_size, args.batch,
-                                 args.workers, min_seconds=2.0 if args.quick else 4.0)
+    r["loader"] = measure_loader(mix, min_seconds=2.0 if args.quick else 4.0)
     say(f"  {r['loader']}")
     say("building the cache of the 2000 small pairs ...")
-    r["build_seconds"] = build_cache(small_pairs, tmp / "small", args.size)
+    r["build_seconds"] = build_cache(small.pairs, small.root, small.size)
     say("training ...")
     r["alone"], r["pipeline"] = measure_training(
-        small_pairs[:200], tmp / "small", args.size, args.batch, args.workers, args.encoder,
-        args.steps, args.rounds, budget=45 if args.quick else 120)
+        small.subset(200), args.encoder,
+        Rounds(args.steps, args.rounds, budget=45 if args.quick else 120))
     say(f"  model alone {r['alone']}, pipeline {r['pipeline']}")
     say("validation ...")
-    r["valid"] = measure_validation(mix_pairs, tmp / "mix", args.loader_size, args.batch,
-                                    args.workers, args.encoder, args.valid_rounds, CPU,
-                                    *default_precision())
+    r["valid"] = measure_validation(mix, args.encoder, args.valid_rounds, default_precision())
     say(f"  {r['valid']['rounds']}")
     say("--image ...")
     largest = max(mix_pairs, key=lambda p: p.image.stat().st_size)
@@ -810,9 +946,11 @@ def header_lines(r, s, args):
         f"pipeline benchmark{' (--quick)' if args.quick else ''}: {cores} CPU cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"loader workers {args.workers}"
-        f"{' (train_model.WORKERS)' if args.workers == WORKERS else ''}, batch {args.batch}",
-        f"CPU precision by default: {model_lib.precision_line(CPU, MIXED_PRECISION, CHANNELS_LAST)}"
-        + ("" if model_lib.cpu_has_native_bf16() else "; the bf16 rows below run in float32"),
+        f"{' (train_model.py WORKERS)' if args.workers == WORKERS else ''}, "
+        f"batch {args.batch}",
+        "CPU precision by default: "
+        + device_lib.precision_line(CPU, MIXED_PRECISION, CHANNELS_LAST)
+        + ("" if device_lib.cpu_has_native_bf16() else "; the bf16 rows below run in float32"),
         *sources,
         f"load average {r['load_start']:.1f} at start, {s['load_end']:.1f} at the end; other "
         f"processes used "
@@ -856,7 +994,7 @@ def validation_lines(r, args):
     return [
         row(f"validation {args.encoder} FPN {ly}x{lx}, at network size", v["network_ips"],
             v["network_s"], "   forward + loss + batch_confusion", 2),
-        row("validation at original size (train_model.validate's loop)", v["original_ips"],
+        row("validation at original size (engine.validate's loop)", v["original_ips"],
             v["original_s"], "   + resize, cut, score per image", 2),
         f"{'  valid_original_over_network (seconds, best rounds)':<58}{v['ratio']:>10.3f}"
         f"   median of per-round ratios: {v['median_ratio']:.3f}",
@@ -870,14 +1008,15 @@ def image_lines(r, s, args):
     image, io_total, (ly, lx) = r["image"], s["io_total"], args.loader_size
     return [
         f"test_model --image, {r['largest_mb']:.1f} MB {r['largest_hw']['width']}x"
-        f"{r['largest_hw']['height']} JPEG, {args.image_encoder} FPN at {ly}x{lx}, CPU (median "
-        f"of {2 if args.quick else 3}):",
+        f"{r['largest_hw']['height']} JPEG, {args.image_encoder} {ARCH} at {ly}x{lx}, CPU "
+        f"(median of {2 if args.quick else 3}):",
         "  " + ", ".join(f"{k} {image[k]:.3f} s" for k in ("read", "preprocess", "model", "write"))
         + f"; model share {image['model'] / io_total:.0%} of {io_total:.2f} s",
         "  (write = upsample to full size + threshold + PNG; the map written is a trained-like "
         "blurred lesion, not the untrained model's speckle)",
-        f"  + overlay figure {image['overlay']:.3f} s; check: test_model.predict (read to "
-        f"upsample) {image['predict']:.3f} s",
+        f"  check: predict.predict (read to upsample) {image['predict']:.3f} s; the whole "
+        f"script once, as a subprocess (start-up, checkpoint, mask, overlay figure of the "
+        f"untrained model's map) {image['script']:.1f} s",
     ]
 
 

@@ -4,17 +4,22 @@
         --encoder resnet18 --encoder-weights none --image-size 128 128 --epochs 2 --lr 3e-4 \
         --lr-drop-epoch 7 --lr-after-drop 3e-5 --workers 1 --quiet
 
-Everything after `--` goes to train_model.main unchanged (here the README's recipe, cut to 2
-epochs); the last epoch (its training and its validation) runs under the profiler, so worker
-start-up and the first epoch's one-time costs are left out. The pieces of the step are
-labelled by wrapping train_model's own functions from outside (the model's forward, the loss,
-the per-step metrics, the optimiser's step is labelled by torch itself, validation, the
-checkpoint writes); nothing in train_model changes. Prints the epoch's split into those
-pieces, each as a share of the training wall time, then the top operators by self CPU time.
+Everything after `--` goes to `python train_model.py` unchanged (here docs/speed.md's
+command, cut to 2 epochs). The script runs in this process as a user runs it (runpy, as
+__main__, with those flags), not imported: the profiler must live in the process that trains.
+The last epoch (its training and its validation) runs under the profiler, so worker start-up
+and the first epoch's one-time costs are left out. The pieces of the step are labelled by
+wrapping the modules' functions from outside before the script starts (the model's forward,
+the loss, the per-step metrics, the optimiser's step is labelled by torch itself,
+engine.train_one_epoch and engine.validate, the checkpoint writes); nothing in the project
+changes. Prints the epoch's split into those pieces, each as a share of the training wall
+time, then the top operators by self CPU time.
 """
 import argparse
 import functools
+import runpy
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,9 +29,15 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
+import checkpoint  # noqa: E402
+import engine  # noqa: E402
 import metrics  # noqa: E402
 import model as model_lib  # noqa: E402
-import train_model  # noqa: E402
+
+# train_model.py's default run: the epochs of the run profiled unless its flags say otherwise
+# (the same names and values as train_model.py's EPOCHS and its --demo's epochs)
+EPOCHS = 40
+DEMO_EPOCHS = 8
 
 TOP = 15  # operators listed
 # profiler event names of each piece: labels set below, and torch's own for Adam and the loader
@@ -47,13 +58,16 @@ def labelled(fn, label):
 
 
 class Profiled:
-    """Labels train_model's pieces; profiles the last epoch's train_one_epoch and its validate,
-    each under its own profiler (so the training pieces are the training step's alone)."""
+    """Labels the pieces in the modules train_model.py calls; profiles the last epoch's
+    engine.train_one_epoch and its engine.validate, each under its own profiler (so the
+    training pieces are the training step's alone)."""
 
     def __init__(self, epochs):
         self.epochs, self.profiles, self.walls, self.last = epochs, {}, {}, False
 
     def install(self):
+        """Before train_model.py runs: it takes these functions from the modules when it
+        starts (`from engine import train_one_epoch, validate`) or calls them through them."""
         build, make_loss = model_lib.build_model, model_lib.make_loss
 
         def build_labelled(*args, **kwargs):
@@ -63,15 +77,16 @@ class Profiled:
         model_lib.build_model = build_labelled
         model_lib.make_loss = lambda *a, **k: labelled(make_loss(*a, **k), "loss")
         metrics.batch_confusion = labelled(metrics.batch_confusion, "batch_confusion")
-        model_lib.save_checkpoint = labelled(model_lib.save_checkpoint, "save_checkpoint")
-        train_model.train_one_epoch = self.timed(train_model.train_one_epoch, "train_one_epoch")
-        train_model.validate = self.timed(train_model.validate, "validate")
+        checkpoint.save_checkpoint = labelled(checkpoint.save_checkpoint, "save_checkpoint")
+        engine.train_one_epoch = self.timed(engine.train_one_epoch, "train_one_epoch")
+        engine.validate = self.timed(engine.validate, "validate")
 
     def timed(self, fn, name):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            if name == "train_one_epoch":  # (model, loader, loss_fn, optimizer, device, epoch..)
-                self.last = args[5] == self.epochs
+            if name == "train_one_epoch":  # (trainer, loader, epoch, iter_log, progress)
+                epoch = kwargs["epoch"] if "epoch" in kwargs else args[2]
+                self.last = epoch == self.epochs
             if not self.last:
                 return fn(*args, **kwargs)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -119,6 +134,30 @@ def operators_table(profiles, walls, top=TOP):
     return lines
 
 
+def epochs_of(flags):
+    """The epochs of the run train_model.py makes with these flags (--epochs N or
+    --epochs=N; else --demo's, else EPOCHS)."""
+    for i, flag in enumerate(flags):
+        if flag == "--epochs" and i + 1 < len(flags):
+            return int(flags[i + 1])
+        if flag.startswith("--epochs="):
+            return int(flag.split("=", 1)[1])
+    return DEMO_EPOCHS if "--demo" in flags else EPOCHS
+
+
+def run_train_model(flags):
+    """`python train_model.py FLAGS` in this process (as __main__); its exit code."""
+    script, argv = REPO / "train_model.py", sys.argv
+    sys.argv = [str(script), *flags]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        return exc.code
+    finally:
+        sys.argv = argv
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ours, theirs = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
@@ -127,16 +166,14 @@ def main(argv=None):
     p.add_argument("--data", required=True)
     p.add_argument("--model-dir", default=None, help="default: a temporary folder")
     args = p.parse_args(ours)
-    epochs = int(theirs[theirs.index("--epochs") + 1]) if "--epochs" in theirs \
-        else train_model.EPOCHS
-    import tempfile
+    epochs = epochs_of(theirs)
     model_dir = args.model_dir or tempfile.mkdtemp(prefix="profile-epoch-")
     profiled = Profiled(epochs)
     profiled.install()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); profiling epoch "
           f"{epochs} of: train_model.py --data {args.data} --model-dir {model_dir} "
           f"{' '.join(theirs)}", flush=True)
-    code = train_model.main(["--data", args.data, "--model-dir", model_dir, *theirs])
+    code = run_train_model(["--data", args.data, "--model-dir", model_dir, *theirs])
     if code or len(profiled.profiles) < 2:
         sys.exit(f"the run ended with {code} before its last epoch was profiled")
     print("\n".join(pieces_table(profiled.profiles["train_one_epoch"], profiled.walls) + [""]

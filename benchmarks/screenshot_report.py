@@ -15,8 +15,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-REPORT = REPO / "Model" / "demo" / "evaluation" / "demo_resnet18" / "test" / "report.html"  # of test_model.py --evaluate on the demo
-OUT = REPO / "docs" / "demo_report.png"  # the README shows this one
+# of `python test_model.py --evaluate` on the demo's model, Model/demo/demo_fpn_resnet18.pth
+# (its results folder is named by checkpoint.results_name: the run's name)
+REPORT = REPO / "Model" / "demo" / "evaluation" / "demo_fpn_resnet18" / "test" / "report.html"
+OUT = REPO / "docs" / "demo_report.png"  # for docs/evaluation.md, section report.html
 WINDOW = (1280, 1600)  # width, height of the page captured, px
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run",

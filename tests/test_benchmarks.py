@@ -1,4 +1,4 @@
-"""benchmarks/compare_recipes.py: the README's table from per-image scores, on known numbers."""
+"""benchmarks/compare_recipes.py: the results tables from per-image scores, on known numbers."""
 import csv
 import json
 import sys
@@ -45,8 +45,8 @@ def test_table_pairs_each_recipe_with_the_plain_loop_fold_by_fold(tmp_path, caps
              "threshold_jaccard": 0.0}]
     write_csv(recipe / "cross_validation" / "per_image.csv", rows)
     for fold, seconds in ((0, (60, 120)), (1, (90, 90))):
-        write_csv(recipe / f"r_fold{fold}_log.csv", [{"epoch": e + 1, "seconds": s}
-                                                     for e, s in enumerate(seconds)])
+        write_csv(recipe / f"fpn_r_fold{fold}_log.csv", [{"epoch": e + 1, "seconds": s}
+                                                         for e, s in enumerate(seconds)])
     (recipe / "cross_validation" / "summary.json").write_text(json.dumps(
         {"checkpoints": {"0": {"train_pairs": 180}, "1": {"train_pairs": 180}}}))
 
@@ -91,3 +91,32 @@ def test_table_refuses_runs_that_cover_different_folds(tmp_path):
                 "threshold_jaccard": 0.6}])  # fold 1 not trained yet
     with pytest.raises(SystemExit, match="different folds"):
         compare_recipes.main(["--plain", str(plain), str(recipe)])
+
+
+def recipe_folder(folder, ious):
+    """Fold models' out-of-fold scores: images a, b in fold 0 and c in fold 1 at `ious`, one
+    minute an epoch, two epochs a fold."""
+    write_csv(folder / "cross_validation" / "per_image.csv", [
+        {"fold": fold, "id": i, "tta": "none", "postprocess": "False", "iou": iou,
+         "threshold_jaccard": iou if iou >= 0.65 else 0.0}
+        for (fold, i), iou in zip(((0, "a"), (0, "b"), (1, "c")), ious)])
+    for fold in (0, 1):
+        write_csv(folder / f"unet_r_fold{fold}_log.csv", [{"epoch": e, "seconds": 60}
+                                                           for e in (1, 2)])
+    (folder / "cross_validation" / "summary.json").write_text(json.dumps(
+        {"checkpoints": {"0": {"train_pairs": 60}, "1": {"train_pairs": 60}}}))
+
+
+def test_table_pairs_each_folder_with_a_reference_recipe_fold_by_fold(tmp_path, capsys):
+    reference, other = tmp_path / "fpn", tmp_path / "unet"
+    recipe_folder(reference, (0.5, 0.7, 0.4))
+    recipe_folder(other, (0.6, 0.8, 0.6))
+    compare_recipes.main(["--reference", str(reference), str(other)])
+    lines = capsys.readouterr().out.splitlines()
+    # the reference alone: pooled 0.533, fold means 0.6 and 0.4; 2 minutes, 120 images in 120 s
+    assert lines[2].startswith("| fpn | 0.533 ± 0.100 | 0.233 ± 0.175 | 2.00 | 1.0 |")
+    # the other, paired with it fold by fold (+0.1, +0.2) and image by image (+0.1, +0.1, +0.2)
+    assert lines[3].startswith("| unet | 0.667 ± 0.050 (+0.150 ± 0.050; [+0.100, +0.200]) | ")
+    with pytest.raises(SystemExit):  # one baseline: --plain or --reference, not both
+        compare_recipes.main(["--reference", str(reference), "--plain", str(tmp_path),
+                              str(other)])

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import demo_data
-import model as model_lib
 import test_model
+import checkpoint as ckpt_lib
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--encoder", "resnet18", "--encoder-weights", "none", "--image-size", "64", "64",
@@ -37,7 +37,7 @@ def torchrun(data, model_dir, *extra, script="train_model.py"):
 
 
 def log_rows(model_dir):
-    with open(model_dir / "resnet18_log.csv") as f:
+    with open(model_dir / "fpn_resnet18_log.csv") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
         del row["seconds"]
@@ -51,15 +51,15 @@ def test_two_processes_write_one_log_and_validate_every_image_once(data, tmp_pat
     assert run.stdout.splitlines()[0].startswith("2 processes on cpu (gloo); BATCH_SIZE=")
     assert run.stdout.count("best valid IoU") == 1  # the second process stays silent
     assert sorted(p.name for p in out.iterdir()) == [
-        "resnet18.pth", "resnet18_curves.png", "resnet18_data.txt", "resnet18_last.pth",
-        "resnet18_log.csv"]
-    best = model_lib.load_checkpoint(out / "resnet18.pth")
+        "fpn_resnet18.pth", "fpn_resnet18_curves.png", "fpn_resnet18_data.txt", "fpn_resnet18_last.pth",
+        "fpn_resnet18_log.csv"]
+    best = ckpt_lib.load_checkpoint(out / "fpn_resnet18.pth")
     assert not any(k.startswith("module.") for k in best["model_state"])
     row = log_rows(out)[best["epoch"] - 1]
     # the saved model, in one process, scores the 3 validation images as the two did together
-    assert test_model.main(["--checkpoint", str(out / "resnet18.pth"), "--evaluate",
+    assert test_model.main(["--checkpoint", str(out / "fpn_resnet18.pth"), "--evaluate",
                             "--split", "valid", "--device", "cpu"]) == 0
-    summary = json.loads((out / "evaluation" / "resnet18" / "valid" / "summary.json").read_text())
+    summary = json.loads((out / "evaluation" / "fpn_resnet18" / "valid" / "summary.json").read_text())
     assert summary["images"] == 3
     for key in ("iou", "dice", "threshold_jaccard"):
         assert summary[key] == pytest.approx(float(row[f"valid_{key}"]), abs=1e-4), key
@@ -74,8 +74,8 @@ def test_resume_under_torchrun_ends_with_the_log_of_a_straight_run(data, tmp_pat
     assert run.returncode == 0, run.stderr[-2000:]
     assert "resuming after epoch 1" in run.stdout
     assert log_rows(resumed) == log_rows(straight)
-    a = torch.load(straight / "resnet18_last.pth", weights_only=True)["model_state"]
-    b = torch.load(resumed / "resnet18_last.pth", weights_only=True)["model_state"]
+    a = torch.load(straight / "fpn_resnet18_last.pth", weights_only=True)["model_state"]
+    b = torch.load(resumed / "fpn_resnet18_last.pth", weights_only=True)["model_state"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -85,7 +85,7 @@ def test_a_nan_in_one_process_stops_both_naming_epoch_and_step(data, tmp_path):
     assert time.monotonic() - started < 120  # stopped, not left waiting for a timeout
     assert run.returncode != 0
     assert "at epoch 1, step 2" in run.stderr and "training loss became" in run.stderr
-    assert not (tmp_path / "Model" / "resnet18.pth").exists()
+    assert not (tmp_path / "Model" / "fpn_resnet18.pth").exists()
 
 
 def test_an_empty_batch_in_one_process_is_skipped_by_both(data, tmp_path):

@@ -13,14 +13,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
+import device as device_lib
 from PIL import Image
 
 import demo_data
 import export_model
-import model as model_lib
 import preprocess
 import test_model
 import train_model
+import checkpoint as ckpt_lib
+import predict
+
+CPU = device_lib.Compute(torch.device("cpu"))  # float32, as the tests' figures
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "isic_sample"
@@ -45,12 +50,12 @@ def trained(tmp_path_factory):
     for name, epochs in (("a", "10"), ("b", "8")):
         assert train_model.main(["--data", str(data), "--model-dir", str(root / name), *TINY,
                                  "--image-size", "64", "64", "--epochs", epochs]) == 0
-        runs[name] = root / name / "resnet18.pth"
+        runs[name] = root / name / "fpn_resnet18.pth"
     wide = torch.load(runs["b"], weights_only=True)
-    wide["image_size"] = [96, 64]
-    runs["wide"] = root / "wide" / "resnet18.pth"
+    wide["settings"]["image_size"] = [96, 64]
+    runs["wide"] = root / "wide" / "fpn_resnet18.pth"
     runs["wide"].parent.mkdir()
-    model_lib.save_checkpoint(wide, runs["wide"])
+    ckpt_lib.save_checkpoint(wide, runs["wide"])
 
     def export(*args):
         return export_model.export(export_model.parse_args(list(map(str, args))))
@@ -62,17 +67,17 @@ def trained(tmp_path_factory):
 
 
 def members(paths):
-    return test_model.load_predictor([str(p) for p in paths], None, torch.device("cpu")).members
+    return predict.load_predictor([str(p) for p in paths], None, CPU).members
 
 
 def session(path):
-    return model_lib.onnx_session(path)
+    return predict.onnx_session(path)
 
 
 def cases(trained, mixed=True):
     """(name, ONNX file, PyTorch members, views) of each export; `mixed`: with the ensemble
     of two network sizes, which test_model.py decodes per member for PyTorch (so the two
-    paths get different pixels from a large JPEG; README, "Deploying a model")."""
+    paths get different pixels from a large JPEG; docs/deployment.md)."""
     found = [("single", trained["single"], members([trained["a"]]), "none"),
              ("ensemble", trained["ensemble"], members([trained["a"], trained["b"]]), "flips")]
     if mixed:
@@ -86,17 +91,17 @@ def cases(trained, mixed=True):
 def test_file_passes_the_checker_and_names_its_sources(trained, capsys):
     for path in (trained["single"], trained["ensemble"], trained["mixed"]):
         onnx.checker.check_model(str(path), full_check=True)
-    assert trained["single"] == trained["a"].with_name("resnet18.onnx")  # beside the model
-    meta = model_lib.onnx_metadata(trained["mixed"])
+    assert trained["single"] == trained["a"].with_name("fpn_resnet18.onnx")  # beside the model
+    meta = predict.onnx_metadata(trained["mixed"])
     assert meta["encoder"] == "resnet18,resnet18" and meta["network_size"] == "64x64,96x64"
     assert meta["tta"] == "flips" and meta["views"] == "4" and meta["opset"] == "20"
     assert json.loads(meta["mean"])[1] == list(preprocess.IMAGENET_MEAN)
     assert float(meta["threshold"]) == 0.5 and meta["interpolation"] == "area,area"
     sources = json.loads(meta["sources"])
-    assert [s["file"] for s in sources] == ["resnet18.pth", "resnet18.pth"]
+    assert [s["file"] for s in sources] == ["fpn_resnet18.pth", "fpn_resnet18.pth"]
     assert [s["sha256"] for s in sources] == [
         hashlib.sha256(Path(trained[k]).read_bytes()).hexdigest() for k in ("a", "wide")]
-    assert json.loads(meta["recipe"])[0]["lr"] == 1e-3
+    assert json.loads(meta["recipe"])[0]["lr"] == 1e-3 and meta["arch"] == "FPN,FPN"
     assert export_model.main(["--info", str(trained["mixed"])]) == 0
     out = capsys.readouterr().out
     assert "network_size: 64x64,96x64" in out and sources[1]["sha256"] in out
@@ -249,10 +254,10 @@ def test_onnx_file_not_made_by_export_model_is_refused_with_what_it_lacks(tmp_pa
     assert "is not a readable ONNX file" in line
 
 
-# ----------------------------------------------------------------------------- README
+# ----------------------------------------------------------------------------- docs/deployment.md
 
 def readme_example():
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "deployment.md").read_text()
     section = text.split("## Deploying a model", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
@@ -260,7 +265,7 @@ def readme_example():
 def test_readme_example_runs_as_written(trained, tmp_path):
     code = readme_example()
     assert "import export_model" not in code and "preprocess" not in code  # no repo code
-    shutil.copy(trained["single"], tmp_path / "resnet18.onnx")
+    shutil.copy(trained["single"], tmp_path / "fpn_resnet18.onnx")
     shutil.copy(FIXTURES / "images" / "ISIC_0013134.jpg", tmp_path / "lesion.jpg")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)

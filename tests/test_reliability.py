@@ -30,6 +30,10 @@ import model as model_lib
 import load_dataset
 import preprocess
 import train_model
+import checkpoint as ckpt_lib
+import engine
+import settings as settings_lib
+from conftest import record_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--encoder", "resnet18", "--encoder-weights", "none", "--image-size", "64", "64",
@@ -99,7 +103,7 @@ def stopped(data, model_dir, *extra):
 
 
 def read_log(model_dir):
-    with open(model_dir / "resnet18_log.csv") as f:
+    with open(model_dir / "fpn_resnet18_log.csv") as f:
         return list(csv.DictReader(f))
 
 
@@ -109,8 +113,8 @@ def fingerprint(path):
 
 def loads_as_model(path):
     """The checkpoint loads with weights_only=True and rebuilds a working model."""
-    ckpt = model_lib.load_checkpoint(path)
-    model = model_lib.model_from_checkpoint(ckpt, path).eval()
+    ckpt = ckpt_lib.load_checkpoint(path)
+    model = ckpt_lib.model_from_checkpoint(ckpt, path).eval()
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
     return ckpt
@@ -127,19 +131,16 @@ def bomb_png(width=50_000, height=50_000):
             + chunk(b"IEND", b""))
 
 
-def saved_record(encoder="resnet18", depth=5, **changes):
+def saved_record(encoder="resnet18", depth=5, **settings):
     torch.manual_seed(0)
     model = model_lib.build_model(encoder, None, depth)
-    record = model_lib.checkpoint_record(model, {**SETTINGS, "encoder": encoder,
-                                              "encoder_depth": depth}, 1, 0.5)
-    record.update(changes)
-    return record
+    return record_of(model, {**SETTINGS, "encoder": encoder, "encoder_depth": depth, **settings})
 
 
 @pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
-    model_lib.save_checkpoint(saved_record(), path)
+    path = tmp_path_factory.mktemp("ckpt") / "fpn_resnet18.pth"
+    ckpt_lib.save_checkpoint(saved_record(), path)
     return path
 
 
@@ -188,7 +189,7 @@ def test_bad_files_in_a_real_run_are_named_and_training_finishes(demo_tree, tmp_
     assert train(data, out, "--epochs", "1") == 0
     console = capsys.readouterr().out
     assert [r["epoch"] for r in read_log(out)] == ["1"]  # training ran to its end
-    report = (out / "resnet18_data.txt").read_text()
+    report = (out / "fpn_resnet18_data.txt").read_text()
     for name, (kind, words) in planted.items():
         lines = [line for line in console.splitlines() if name in line]
         assert any(line.strip().startswith(kind) and words in line for line in lines), \
@@ -196,7 +197,7 @@ def test_bad_files_in_a_real_run_are_named_and_training_finishes(demo_tree, tmp_
         assert name in report
     # the pairs of the unusable images are named too, and the closing summary points to the list
     assert "skipped ISIC2018_Task1_Training_GroundTruth/ISIC_9000001_segmentation.png" in console
-    assert f"(listed in {out / 'resnet18_data.txt'})" in console.splitlines()[-1]
+    assert f"(listed in {out / 'fpn_resnet18_data.txt'})" in console.splitlines()[-1]
     # 14 pairs less the 5 unusable ones
     assert ": 1 test, 1 valid, 7 train; 3 corrected, 11 skipped" in console.splitlines()[0]
 
@@ -331,11 +332,11 @@ def kill_during_a_write(tmp_path, data, out, targets):
     The poll sees the file within microseconds of its creation and a write lasts tens of
     milliseconds (52 MB for the best model, 157 MB for the resume state, each fsynced); should
     a busy machine still let the write finish before the kill, resume and try again."""
-    last = out / "resnet18_last.pth"
+    last = out / "fpn_resnet18_last.pth"
     for attempt in range(3):
-        for t in (out / "resnet18.pth.tmp", out / "resnet18_last.pth.tmp"):
+        for t in (out / "fpn_resnet18.pth.tmp", out / "fpn_resnet18_last.pth.tmp"):
             t.unlink(missing_ok=True)  # a kill's leftover is harmless; the poll needs a new one
-        resumed_from = model_lib.load_checkpoint(last)["epoch"]
+        resumed_from = ckpt_lib.load_checkpoint(last)["epoch"]
         run = Process(tmp_path, data, out, "--resume")
         run.wait_line(rf"resuming after epoch {resumed_from} ")
         deadline, writing = time.monotonic() + 240, None
@@ -352,12 +353,12 @@ def kill_during_a_write(tmp_path, data, out, targets):
 
 def check_after_kill(out, resumed_from):
     """The best model loads; the resume state is the last complete epoch or the one before."""
-    saved = model_lib.load_checkpoint(out / "resnet18_last.pth")
+    saved = ckpt_lib.load_checkpoint(out / "fpn_resnet18_last.pth")
     assert saved["epoch"] in (resumed_from, resumed_from + 1)
     rows = read_log(out)
     assert len(rows) == saved["epoch"]  # the log is written after the resume state
     ious = [float(r["valid_iou"]) for r in rows]
-    best = loads_as_model(out / "resnet18.pth")
+    best = loads_as_model(out / "fpn_resnet18.pth")
     # the best model may be one epoch ahead of the resume state (killed between the two writes)
     assert best["epoch"] <= saved["epoch"] + 1 and best["valid_iou"] >= max(ious) - 1e-6
     return saved["epoch"]
@@ -365,16 +366,16 @@ def check_after_kill(out, resumed_from):
 
 def test_sigkill_between_epochs_and_mid_checkpoint_then_resume_completes(demo_tree, tmp_path):
     data, out = fresh(demo_tree, tmp_path), tmp_path / "Model"
-    best, last = out / "resnet18.pth", out / "resnet18_last.pth"
+    best, last = out / "fpn_resnet18.pth", out / "fpn_resnet18_last.pth"
     best_tmp, last_tmp = str(best) + ".tmp", str(last) + ".tmp"
 
     # with no saved state, --resume starts from the beginning and says so; killed after epoch 1
     run = Process(tmp_path, data, out, "--resume")
-    run.wait_line(r"no saved state at .*resnet18_last\.pth: starting from the beginning")
+    run.wait_line(r"no saved state at .*fpn_resnet18_last\.pth: starting from the beginning")
     run.wait_line(epoch_row(1))
     run.kill()
     assert loads_as_model(best)["epoch"] == 1
-    assert model_lib.load_checkpoint(last)["epoch"] == 1
+    assert ckpt_lib.load_checkpoint(last)["epoch"] == 1
     assert len(read_log(out)) == 1
 
     # killed in the middle of a checkpoint write: the first seen (in practice the best model's),
@@ -389,7 +390,7 @@ def test_sigkill_between_epochs_and_mid_checkpoint_then_resume_completes(demo_tr
     rows = read_log(out)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert {float(r["lr"]) for r in rows} == {1e-4}
-    assert model_lib.load_checkpoint(last)["epoch"] == 3
+    assert ckpt_lib.load_checkpoint(last)["epoch"] == 3
     ious = [float(r["valid_iou"]) for r in rows]
     assert loads_as_model(best)["valid_iou"] == pytest.approx(max(ious), abs=1e-6)
 
@@ -397,8 +398,8 @@ def test_sigkill_between_epochs_and_mid_checkpoint_then_resume_completes(demo_tr
 def test_ctrl_c_keeps_the_resume_state_and_exits_with_one_line(trained, tmp_path, capsys,
                                                                monkeypatch):
     data, out = fresh_trained(trained, tmp_path)
-    before = fingerprint(out / "resnet18_last.pth")
-    real = train_model.train_one_epoch
+    before = fingerprint(out / "fpn_resnet18_last.pth")
+    real = engine.train_one_epoch
 
     def ctrl_c_then_train(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # a real SIGINT, handled by Python as Ctrl-C
@@ -408,9 +409,9 @@ def test_ctrl_c_keeps_the_resume_state_and_exits_with_one_line(trained, tmp_path
         train(data, out, "--epochs", "2", "--resume")
     assert stop.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"interrupted: in epoch 2; the resume state {out / 'resnet18_last.pth'} "
+    assert err[-1] == (f"interrupted: in epoch 2; the resume state {out / 'fpn_resnet18_last.pth'} "
                        f"holds epoch 1: continue with --resume")
-    assert fingerprint(out / "resnet18_last.pth") == before
+    assert fingerprint(out / "fpn_resnet18_last.pth") == before
     assert not list(out.glob("*.tmp"))
 
 
@@ -430,7 +431,7 @@ def test_ctrl_c_in_the_first_epoch_says_nothing_was_saved(demo_tree, tmp_path, c
 
 def test_ctrl_c_during_a_checkpoint_write_leaves_no_half_file(good_checkpoint, tmp_path,
                                                               monkeypatch):
-    path = tmp_path / "resnet18.pth"
+    path = tmp_path / "fpn_resnet18.pth"
     shutil.copy(good_checkpoint, path)
     before = fingerprint(path)
 
@@ -439,7 +440,7 @@ def test_ctrl_c_during_a_checkpoint_write_leaves_no_half_file(good_checkpoint, t
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        model_lib.save_checkpoint({"x": 1}, path)
+        ckpt_lib.save_checkpoint({"x": 1}, path)
     assert fingerprint(path) == before and not list(tmp_path.glob("*.tmp"))
 
 
@@ -461,10 +462,10 @@ def test_ctrl_c_during_a_checkpoint_write_leaves_no_half_file(good_checkpoint, t
 def test_resume_refuses_a_state_made_with_other_settings(trained, tmp_path, flags, changes,
                                                          constant):
     data, out = fresh_trained(trained, tmp_path)
-    last = out / "resnet18_last.pth"
+    last = out / "fpn_resnet18_last.pth"
     if changes:  # a state file of another run put in this one's place
         state = torch.load(last, weights_only=True)
-        state.update(changes)
+        state["settings"].update(changes)
         torch.save(state, last)
     before = fingerprint(last)
     message = stopped(data, out, "--epochs", "2", "--resume", *flags)  # before the data scan
@@ -472,27 +473,30 @@ def test_resume_refuses_a_state_made_with_other_settings(trained, tmp_path, flag
     assert fingerprint(last) == before and len(read_log(out)) == 1
 
 
-def test_both_checkpoints_record_the_recipe_and_an_older_state_resumes_on_seed_and_folds(trained,
-                                                                                 tmp_path,
-                                                                                 capsys):
+def test_both_checkpoints_record_the_settings_and_a_resume_keeps_them(trained, tmp_path,
+                                                                      capsys):
     data, out = fresh_trained(trained, tmp_path)
-    best, last = out / "resnet18.pth", out / "resnet18_last.pth"
-    expected = {"seed": 42, "folds": 1, "batch_size": 4, "lr": 1e-4, "lr_drop_epoch": 25,
-                "lr_after_drop": 1e-5, "loss": "dice", "augment": "full"}
-    assert expected.items() <= model_lib.load_checkpoint(best)["recipe"].items()
+    best, last = out / "fpn_resnet18.pth", out / "fpn_resnet18_last.pth"
+    expected = {"arch": "FPN", "seed": 42, "folds": 1, "batch_size": 4, "lr": 1e-4,
+                "lr_drop_epoch": 25, "lr_after_drop": 1e-5, "loss": "dice", "augment": "full",
+                "epochs": 1}
+    assert expected.items() <= ckpt_lib.load_checkpoint(best)["settings"].items()
     state = torch.load(last, weights_only=True)
-    assert expected.items() <= state["recipe"].items() and state["processes"] == 1
-    del state["recipe"]  # as a state saved before the recipe was recorded
-    state["processes"] = 2  # and by a run under torchrun with 2 processes
+    assert expected.items() <= state["settings"].items() and state["processes"] == 1
+    assert not {"workers", "device", "cache", "model_dir"} & set(state["settings"])  # machine's
+    state["processes"] = 2  # as a run under torchrun with 2 processes saved it
     torch.save(state, last)
     message = stopped(data, out, "--epochs", "2", "--resume", "--seed", "7")
     assert message.startswith(f"error: --resume: {last} was made with SEED=42, not 7")
-    assert train(data, out, "--epochs", "2", "--resume", "--lr", "3e-4") == 0
+    # only the model folder and the longer run: the recipe comes from the state
+    assert train_model.main(["--model-dir", str(out), "--resume", "--epochs", "2", "--workers",
+                             "0", "--quiet"]) == 0
     assert ("note: the state was saved by a run of 2 process(es), this one has 1: each "
             "process's share of an epoch changes, so the run will not end exactly as a straight "
             "one would") in capsys.readouterr().out.splitlines()
-    assert [float(r["lr"]) for r in read_log(out)] == [1e-4, 3e-4]
-    assert model_lib.load_checkpoint(last)["recipe"]["lr"] == 3e-4
+    assert [float(r["lr"]) for r in read_log(out)] == [1e-4, 1e-4]
+    resumed = ckpt_lib.load_checkpoint(last)["settings"]
+    assert {**expected, "epochs": 2}.items() <= resumed.items()
 
 
 # ----------------------------------------------------------------------------- 3. NaN / inf
@@ -513,7 +517,7 @@ def _loss_turning(value, at_call):
 
 def test_nan_loss_stops_naming_epoch_and_step_and_best_is_untouched(trained, tmp_path, monkeypatch):
     data, out = fresh_trained(trained, tmp_path)
-    best, last = out / "resnet18.pth", out / "resnet18_last.pth"
+    best, last = out / "fpn_resnet18.pth", out / "fpn_resnet18_last.pth"
     before = fingerprint(best), fingerprint(last)
     monkeypatch.setattr(model_lib, "make_loss", lambda *_: _loss_turning("nan", at_call=2))
     message = stopped(data, out, "--epochs", "2", "--resume")
@@ -535,9 +539,9 @@ def test_inf_loss_at_the_first_step_stops_before_anything_is_saved(demo_tree, tm
 def test_nan_validation_is_never_the_best_and_a_nan_model_stops_the_run(trained, tmp_path,
                                                                         monkeypatch):
     data, out = fresh_trained(trained, tmp_path)
-    best, last = out / "resnet18.pth", out / "resnet18_last.pth"
+    best, last = out / "fpn_resnet18.pth", out / "fpn_resnet18_last.pth"
     before = fingerprint(best)
-    real, epochs = train_model.validate, []
+    real, epochs = engine.validate, []
 
     def planted_evaluate(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -551,7 +555,7 @@ def test_nan_validation_is_never_the_best_and_a_nan_model_stops_the_run(trained,
     message = stopped(data, out, "--epochs", "3", "--resume")
     assert "validation loss became nan" in message and "at epoch 3" in message
     assert fingerprint(best) == before and loads_as_model(best)["epoch"] == 1
-    assert model_lib.load_checkpoint(last)["epoch"] == 2  # epoch 3 saved nothing
+    assert ckpt_lib.load_checkpoint(last)["epoch"] == 2  # epoch 3 saved nothing
     rows = read_log(out)
     assert [r["epoch"] for r in rows] == ["1", "2"] and rows[1]["valid_iou"] == "nan"
 
@@ -562,7 +566,7 @@ def test_nan_weights_are_caught_before_saving():
     train_model.check_epoch_finite(valid, model, 4)  # a healthy model passes
     with torch.no_grad():
         model[0].weight[0, 0] = float("inf")
-    with pytest.raises(train_model.NonFiniteLoss, match="at epoch 4"):
+    with pytest.raises(engine.NonFiniteLoss, match="at epoch 4"):
         train_model.check_epoch_finite(valid, model, 4)
 
 
@@ -590,7 +594,7 @@ def test_unwritable_output_folder_is_refused_before_training(demo_tree, tmp_path
 def test_full_disk_at_a_checkpoint_write_names_the_path_and_keeps_the_old_file(trained, tmp_path,
                                                                                monkeypatch):
     data, out = fresh_trained(trained, tmp_path)
-    best, last = out / "resnet18.pth", out / "resnet18_last.pth"
+    best, last = out / "fpn_resnet18.pth", out / "fpn_resnet18_last.pth"
     before = fingerprint(best), fingerprint(last)
 
     def disk_fills(obj, f):
@@ -598,14 +602,14 @@ def test_full_disk_at_a_checkpoint_write_names_the_path_and_keeps_the_old_file(t
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(torch, "save", disk_fills)
     message = stopped(data, out, "--epochs", "2", "--resume")
-    assert re.fullmatch(rf"error: could not write {out}/resnet18(_last)?\.pth: No space left on "
-                        rf"device; the previous resnet18(_last)?\.pth is unchanged", message)
+    assert re.fullmatch(rf"error: could not write {out}/fpn_resnet18(_last)?\.pth: No space left on "
+                        rf"device; the previous fpn_resnet18(_last)?\.pth is unchanged", message)
     assert (fingerprint(best), fingerprint(last)) == before
     assert not list(out.glob("*.tmp"))
 
 
 def test_full_disk_at_the_rename_keeps_the_old_file(good_checkpoint, tmp_path, monkeypatch):
-    path = tmp_path / "resnet18.pth"
+    path = tmp_path / "fpn_resnet18.pth"
     shutil.copy(good_checkpoint, path)
     before = fingerprint(path)
 
@@ -613,7 +617,7 @@ def test_full_disk_at_the_rename_keeps_the_old_file(good_checkpoint, tmp_path, m
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "replace", no_space)
     with pytest.raises(OSError, match=f"could not write {path}: No space left on device"):
-        model_lib.save_checkpoint(saved_record(), path)
+        ckpt_lib.save_checkpoint(saved_record(), path)
     assert fingerprint(path) == before and not list(tmp_path.glob("*.tmp"))
 
 
@@ -676,8 +680,8 @@ def test_pickled_code_in_a_checkpoint_is_refused_without_running(good_checkpoint
     record = torch.load(good_checkpoint, weights_only=True)
     record["extra"] = Planted(marker)
     torch.save(record, path)
-    with pytest.raises(model_lib.CheckpointError, match="pickled Python objects"):
-        model_lib.load_checkpoint(path)
+    with pytest.raises(ckpt_lib.CheckpointError, match="pickled Python objects"):
+        ckpt_lib.load_checkpoint(path)
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the plant is real: a plain load runs its code
     assert marker.read_text() == "code ran"
@@ -697,8 +701,8 @@ def test_files_of_other_programs_and_truncated_checkpoints_are_refused(good_chec
     for name, (content, expected) in files.items():
         path = tmp_path / name
         path.write_bytes(content)
-        with pytest.raises(model_lib.CheckpointError) as refused:
-            model_lib.load_checkpoint(path)
+        with pytest.raises(ckpt_lib.CheckpointError) as refused:
+            ckpt_lib.load_checkpoint(path)
         message = str(refused.value)
         assert message.startswith(f"{path} is not a readable checkpoint") and expected in message
         assert "\n" not in message and "weights_only" not in message
@@ -709,33 +713,44 @@ def test_whole_model_pickle_and_foreign_dicts_are_refused(tmp_path):
     model = model_lib.build_model("resnet18", None, 5)
     whole = tmp_path / "whole.pth"
     torch.save(model, whole)  # what the paper's code did
-    with pytest.raises(model_lib.CheckpointError, match="torch.save\\(model\\)"):
-        model_lib.load_checkpoint(whole)
+    with pytest.raises(ckpt_lib.CheckpointError, match="torch.save\\(model\\)"):
+        ckpt_lib.load_checkpoint(whole)
     foreign = tmp_path / "foreign.pth"
     torch.save({"state_dict": model.state_dict(), "epoch": 3}, foreign)  # another trainer's
-    with pytest.raises(model_lib.CheckpointError, match="not written by train_model.py"):
-        model_lib.load_checkpoint(foreign)
+    with pytest.raises(ckpt_lib.CheckpointError, match="not written by train_model.py"):
+        ckpt_lib.load_checkpoint(foreign)
     newer = tmp_path / "newer.pth"
-    torch.save({"format": model_lib.CHECKPOINT_FORMAT, "version": 99}, newer)
-    with pytest.raises(model_lib.CheckpointError, match="version 99"):
-        model_lib.load_checkpoint(newer)
+    torch.save({"format": ckpt_lib.CHECKPOINT_FORMAT, "version": 99}, newer)
+    with pytest.raises(ckpt_lib.CheckpointError, match="version 99"):
+        ckpt_lib.load_checkpoint(newer)
+    older = tmp_path / "older.pth"  # a file of version 1, with its settings stored twice
+    torch.save({"format": ckpt_lib.CHECKPOINT_FORMAT, "version": 1, "encoder": "resnet18",
+                "recipe": {}, "model_state": model.state_dict()}, older)
+    with pytest.raises(ckpt_lib.CheckpointError,
+                       match=r"version 1; this code reads version 2 only: train the model again"):
+        ckpt_lib.load_checkpoint(older)
 
 
 def test_checkpoint_for_another_encoder_or_size(good_checkpoint, tmp_path):
-    ckpt = model_lib.load_checkpoint(good_checkpoint)
+    ckpt = ckpt_lib.load_checkpoint(good_checkpoint)
     # weights that do not fit the encoder they are recorded with
+    def changed(**settings):
+        return {**ckpt, "settings": {**ckpt["settings"], **settings}}
     for encoder in ("resnet34", "no_such_encoder"):
-        with pytest.raises(model_lib.CheckpointError,
-                           match=f"does not fit its recorded model \\(encoder '{encoder}'\\)"):
-            model_lib.model_from_checkpoint({**ckpt, "encoder": encoder}, "x.pth")
-    with pytest.raises(model_lib.CheckpointError, match="does not fit"):
-        model_lib.model_from_checkpoint({**ckpt, "encoder_depth": 4}, "x.pth")
+        with pytest.raises(ckpt_lib.CheckpointError,
+                           match=f"does not fit its recorded model \\(FPN '{encoder}'\\)"):
+            ckpt_lib.model_from_checkpoint(changed(encoder=encoder), "x.pth")
+    with pytest.raises(ckpt_lib.CheckpointError, match="does not fit"):
+        ckpt_lib.model_from_checkpoint(changed(encoder_depth=4), "x.pth")
+    # an FPN's weights are never loaded into another architecture, nor a Unet's into an FPN
+    with pytest.raises(ckpt_lib.CheckpointError, match="does not fit its recorded model \\(Unet"):
+        ckpt_lib.model_from_checkpoint(changed(arch="Unet"), "x.pth")
     # a true checkpoint of another encoder and size: the recorded settings rebuild its model
     path = tmp_path / "resnet34.pth"
-    model_lib.save_checkpoint(saved_record("resnet34", image_size=[96, 128]), path)
-    other = model_lib.load_checkpoint(path)
-    model = model_lib.model_from_checkpoint(other, path)
-    assert other["image_size"] == [96, 128]
+    ckpt_lib.save_checkpoint(saved_record("resnet34", image_size=[96, 128]), path)
+    other = ckpt_lib.load_checkpoint(path)
+    model = ckpt_lib.model_from_checkpoint(other, path)
+    assert other["settings"]["image_size"] == [96, 128]
     assert sum(p.numel() for p in model.encoder.parameters()) > 20_000_000  # resnet34, not 18
 
 
@@ -829,7 +844,7 @@ def test_a_weights_file_of_another_encoder_is_refused_with_its_counts(tmp_path):
     path = tmp_path / "resnet34.pth"
     torch.save(other, path)
     extra = [k for k in other if k not in own]
-    with pytest.raises(model_lib.SettingError) as refused:
+    with pytest.raises(settings_lib.SettingError) as refused:
         model_lib.build_model("resnet18", str(path), 5)
     assert str(refused.value) == (f"ENCODER_WEIGHTS: {path} does not fit the resnet18 encoder: "
                                   f"0 weights missing, {len(extra)} unexpected (e.g. "
@@ -837,10 +852,10 @@ def test_a_weights_file_of_another_encoder_is_refused_with_its_counts(tmp_path):
     half = dict(list(own.items())[:60])
     torch.save(half, path)
     missing = [k for k in own if k not in half and not k.endswith("num_batches_tracked")]
-    with pytest.raises(model_lib.SettingError, match=rf"{len(missing)} weights missing, 0 "):
+    with pytest.raises(settings_lib.SettingError, match=rf"{len(missing)} weights missing, 0 "):
         model_lib.build_model("resnet18", str(path), 5)
     torch.save({**own, "conv1.weight": torch.zeros(64, 1, 7, 7)}, path)  # a grey-image model
-    with pytest.raises(model_lib.SettingError) as refused:
+    with pytest.raises(settings_lib.SettingError) as refused:
         model_lib.build_model("resnet18", str(path), 5)
     assert str(refused.value).endswith("1 weights of another shape (e.g. 'conv1.weight': "
                                        "(64, 1, 7, 7), not (64, 3, 7, 7))")

@@ -10,6 +10,8 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 import torch
+
+import device as device_lib
 from PIL import Image
 
 import demo_data
@@ -18,6 +20,11 @@ import metrics
 import model as model_lib
 import preprocess
 import test_model
+import checkpoint as ckpt_lib
+import predict
+from conftest import record_of  # noqa: E402
+
+CPU = device_lib.Compute(torch.device("cpu"))  # float32, as the tests' figures
 
 NET_SIZE = (64, 64)
 # the fixture draws its own fractions; the checkpoint's run would warn that they differ
@@ -66,10 +73,10 @@ def checkpoint(path, data, confidence=None, fold=None):
     settings = {"encoder": "resnet18", "encoder_depth": 5, "image_size": NET_SIZE,
                 "threshold": 0.5, "demo": True, "data": str(root), "split_file": str(split_file),
                 "seed": 42, "fold": fold, "folds": 1 if fold is None else 2}
-    record = model_lib.checkpoint_record(model, settings, 1, 0.5)
+    record = record_of(model, settings, 1, 0.5)
     if confidence is not None:
         record["confidence"] = confidence
-    model_lib.save_checkpoint(record, path)
+    ckpt_lib.save_checkpoint(record, path)
     return path
 
 
@@ -150,7 +157,7 @@ def test_calibrate_stores_the_level_of_the_validation_failures(tmp_path, data, c
     fails = iou < metrics.JACCARD_THRESHOLD
     assert fails.any()
     assert (conf[fails] < stored["level"]).sum() == int(np.ceil(0.9 * fails.sum()))
-    model_lib.load_model(ckpt, torch.device("cpu"))  # still a checkpoint inference reads
+    predict.load_model(ckpt, CPU)  # still a checkpoint inference reads
 
 
 def test_report_shows_the_threshold_curve_left_beside_it(tmp_path, data, capsys):
@@ -170,7 +177,7 @@ def test_cross_validation_report_has_every_out_of_fold_image(tmp_path, data, cap
     models = tmp_path / "folds"
     models.mkdir()
     for fold in (0, 1):
-        checkpoint(models / f"resnet18_fold{fold}.pth", data, fold=fold)
+        checkpoint(models / f"fpn_resnet18_fold{fold}.pth", data, fold=fold)
     printed = run_main(["--cross-validation", models, "--workers", 0], capsys)
     out = models / "cross_validation"
     page = Page()

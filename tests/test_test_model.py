@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import device as device_lib
 from PIL import Image
 
 import demo_data
@@ -22,6 +24,12 @@ import metrics
 import preprocess
 import test_model
 import train_model
+import checkpoint as ckpt_lib
+import predict
+import settings as settings_lib
+from conftest import record_of  # noqa: E402
+
+CPU = device_lib.Compute(torch.device("cpu"))  # float32, as the tests' figures
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +65,7 @@ def write_checkpoint(path, root, split_file, demo_flag, calibrate_on=(), size=NE
     settings = {"encoder": "resnet18", "encoder_depth": 5, "image_size": size,
                 "threshold": 0.5, "demo": demo_flag, "data": str(root),
                 "split_file": str(split_file)}
-    model_lib.save_checkpoint(model_lib.checkpoint_record(model, settings, 1, 0.5), path)
+    ckpt_lib.save_checkpoint(record_of(model, settings, 1, 0.5), path)
     return path
 
 
@@ -65,7 +73,7 @@ def write_checkpoint(path, root, split_file, demo_flag, calibrate_on=(), size=NE
 def ckpt(demo, tmp_path_factory):
     root, split_file, splits = demo
     images = [p.image for p in splits["valid"] + splits["test"]]
-    return write_checkpoint(tmp_path_factory.mktemp("model") / "demo_resnet18.pth", root,
+    return write_checkpoint(tmp_path_factory.mktemp("model") / "demo_fpn_resnet18.pth", root,
                             split_file, True, images)
 
 
@@ -73,7 +81,7 @@ def ckpt(demo, tmp_path_factory):
 def plain_ckpt(tmp_path_factory):
     """Not a demo model, and its data folder does not exist: --image must not need it."""
     folder = tmp_path_factory.mktemp("plain")
-    return write_checkpoint(folder / "resnet18.pth", folder / "no_data", folder / "split.json",
+    return write_checkpoint(folder / "fpn_resnet18.pth", folder / "no_data", folder / "split.json",
                             False)
 
 
@@ -165,10 +173,10 @@ def test_default_run_segments_a_random_test_image(tmp_path, demo, ckpt, capsys):
 
 def test_predict_gives_probabilities_at_the_original_size(demo, ckpt):
     _, _, splits = demo
-    model, record = model_lib.load_model(ckpt, torch.device("cpu"))
-    assert not model.training and record["demo"] is True
+    model, record = predict.load_model(ckpt, CPU)
+    assert not model.training and record["settings"]["demo"] is True
     image = splits["test"][0].image
-    prob = test_model.predict(model, record, image, torch.device("cpu"))
+    prob = predict.predict(model, record, image, CPU)
     with Image.open(image) as img:
         assert prob.shape == (img.height, img.width)
     assert prob.dtype == np.float32 and 0.0 <= prob.min() and prob.max() <= 1.0
@@ -183,7 +191,7 @@ def test_evaluate_means_equal_the_official_scorer(tmp_path, demo, ckpt, capsys, 
 
     _, _, splits = demo
     if network == "darkness":
-        monkeypatch.setattr(test_model, "predict_batch", darkness)
+        monkeypatch.setattr(predict, "predict_batch", darkness)
     out = tmp_path / "eval"
     (out / "masks").mkdir(parents=True)
     (out / "masks" / "ISIC_9999999_segmentation.png").write_bytes(b"stale")  # an earlier run's
@@ -241,7 +249,7 @@ def test_threshold_counts_equal_confusion_at_every_threshold():
 def test_threshold_analysis_best_is_the_argmax_and_agrees_with_evaluate(tmp_path, demo, ckpt,
                                                                         capsys, monkeypatch):
     _, _, splits = demo
-    monkeypatch.setattr(test_model, "predict_batch", darkness)
+    monkeypatch.setattr(predict, "predict_batch", darkness)
     out = tmp_path / "analysis"
     result = run_main(["--checkpoint", ckpt, "--threshold-analysis", "--out", out,
                        "--workers", 0], capsys)
@@ -313,19 +321,20 @@ def test_no_checkpoint_in_model_dir_says_how_to_train(tmp_path):
 
 def test_default_checkpoint_is_the_newest_best_model_on_real_data_before_a_demo_model(tmp_path):
     (tmp_path / "demo").mkdir()
-    for age, name, demo_flag in ((300, "resnet18.pth", False), (200, "resnet34.pth", False),
-                                 (100, "demo/demo_resnet18.pth", True),
+    for age, name, demo_flag in ((300, "fpn_resnet18.pth", False), (200, "resnet34.pth", False),
+                                 (100, "demo/demo_fpn_resnet18.pth", True),
                                  (0, "demo/x_last.pth", True)):
-        torch.save({"demo": demo_flag}, tmp_path / name)
+        torch.save({"version": ckpt_lib.CHECKPOINT_VERSION, "settings": {"demo": demo_flag}},
+                   tmp_path / name)
         os.utime(tmp_path / name, (1e9 - age, 1e9 - age))
-    path, why = test_model.find_checkpoint(tmp_path)
+    path, why = predict.find_checkpoint(tmp_path)
     assert path == tmp_path / "resnet34.pth"
     assert why == (f"the newest of 3 best model(s) under {tmp_path}/, demo models left aside; "
                    f"--checkpoint picks another")
-    (tmp_path / "resnet18.pth").unlink()
+    (tmp_path / "fpn_resnet18.pth").unlink()
     (tmp_path / "resnet34.pth").unlink()
-    assert test_model.find_checkpoint(tmp_path) == (
-        tmp_path / "demo" / "demo_resnet18.pth",
+    assert predict.find_checkpoint(tmp_path) == (
+        tmp_path / "demo" / "demo_fpn_resnet18.pth",
         f"the newest of 1 best model(s) under {tmp_path}/; --checkpoint picks another")
 
 
@@ -427,9 +436,9 @@ def test_exif_rotated_photo_stays_aligned_with_its_mask(tmp_path, turned_mask):
 
     # --evaluate writes each mask at the shape of its ground truth, as the scorer needs
     model = model_lib.build_model("resnet18", None, 5).eval()
-    ckpt = {"image_size": [64, 64]}
+    ckpt = record_of(model, {"image_size": (64, 64)})
     out = tmp_path / "evaluation"
-    predictor = test_model.Predictor([(model, ckpt, "model.pth")], torch.device("cpu"))
+    predictor = predict.Predictor([(model, ckpt, "model.pth")], CPU)
     test_model.evaluate_split(predictor, [pair], out, 0.5)
     written = np.asarray(Image.open(out / "masks" / f"{pair_id}_segmentation.png"))
     assert written.shape == truth.shape == (256, 192)
@@ -449,18 +458,19 @@ def test_outputs_go_beside_the_checkpoint_and_same_stems_never_collide(tmp_path,
     root, split_file, splits = demo
     run_dir = tmp_path / "runs" / "m2017"
     run_dir.mkdir(parents=True)
-    path = write_checkpoint(run_dir / "resnet18.pth", root, split_file, False)
+    path = write_checkpoint(run_dir / "fpn_resnet18.pth", root, split_file, False)
     cwd = os.getcwd()
     os.chdir(tmp_path)  # a ./Model here must stay untouched
     try:
         assert test_model.main(["--checkpoint", str(path), "--evaluate"]) == 0
-        summary = json.loads((run_dir / "evaluation" / "resnet18" / "test" / "summary.json")
+        summary = json.loads((run_dir / "evaluation" / "fpn_resnet18" / "test" / "summary.json")
                              .read_text())
         assert summary["checkpoint"] == str(path) and summary["epoch"] == 1
         # the result names what it scored: data, split and size, and the model's own data
         assert summary["data"] == str(Path(root).resolve()) and summary["split"] == "test"
         assert summary["split_size"] == len(splits["test"])
-        assert summary["models"] == [{"checkpoint": str(path), "encoder": "resnet18",
+        assert summary["models"] == [{"checkpoint": str(path), "arch": "FPN",
+                                      "encoder": "resnet18",
                                       "image_size": list(NET_SIZE), "epoch": 1,
                                       "trained_on": str(Path(root).resolve())}]
         assert summary["threshold"] == 0.5 and summary["images"] == len(splits["test"])
@@ -473,7 +483,7 @@ def test_outputs_go_beside_the_checkpoint_and_same_stems_never_collide(tmp_path,
         args = ["--checkpoint", str(path), "--image", str(a / "IMD002.jpg"),
                 str(b / "IMD002.jpg"), "--device", "cpu"]
         assert test_model.main(args) == 0
-        masks = sorted(p.name for p in (run_dir / "predictions" / "resnet18").glob("*_segmentation.png"))
+        masks = sorted(p.name for p in (run_dir / "predictions" / "fpn_resnet18").glob("*_segmentation.png"))
         assert masks == ["a_IMD002_segmentation.png", "b_IMD002_segmentation.png"]
         capsys.readouterr()
         assert test_model.main(args) == 0
@@ -488,13 +498,13 @@ def test_flips_tta_is_the_mean_of_the_flipped_predictions():
     torch.manual_seed(0)
     net = model_lib.build_model("resnet18", None, 5).eval()
     x, cpu = torch.randn(2, 3, 64, 96), torch.device("cpu")
-    got = model_lib.tta_probabilities(net, x, cpu, "flips")
-    views = [model_lib.probabilities(net, x.flip(dims), cpu).flip([d - 1 for d in dims])
+    got = predict.tta_probabilities(net, x, cpu, "flips")
+    views = [predict.probabilities(net, x.flip(dims), cpu).flip([d - 1 for d in dims])
              for dims in ([], [3], [2], [2, 3])]
     assert torch.allclose(got, sum(views) / 4, atol=1e-6)
     assert not torch.allclose(got, views[0], atol=1e-4)  # the views do differ
-    with pytest.raises(model_lib.SettingError, match="square"):
-        model_lib.tta_probabilities(net, x, cpu, "flips+rot90")
+    with pytest.raises(settings_lib.SettingError, match="square"):
+        predict.tta_probabilities(net, x, cpu, "flips+rot90")
 
 
 def test_post_processing_keeps_the_largest_region_with_its_holes_filled():
@@ -509,9 +519,8 @@ def test_post_processing_keeps_the_largest_region_with_its_holes_filled():
 
 def test_an_ensemble_of_one_checkpoint_listed_twice_equals_that_checkpoint(ckpt, demo):
     _, _, splits = demo
-    cpu = torch.device("cpu")
-    single = test_model.load_predictor([ckpt], "Model", cpu)
-    twice = test_model.load_predictor([ckpt, ckpt], "Model", cpu)
+    single = predict.load_predictor([ckpt], "Model", CPU)
+    twice = predict.load_predictor([ckpt, ckpt], "Model", CPU)
     assert len(twice.members) == 2
     batch = torch.cat([preprocess.eval_input(p.image, NET_SIZE)[0] for p in splits["test"]])
     assert np.allclose(single.batch(batch, splits["test"]), twice.batch(batch, splits["test"]),
@@ -525,15 +534,15 @@ def test_an_ensemble_of_two_image_sizes_averages_each_models_map_at_original_siz
     """--evaluate's batches give each image the map --image gives it: the mean of the members'
     maps, each resized from its own network size straight to the image's size."""
     root, split_file, splits = demo
-    pairs, cpu = splits["test"], torch.device("cpu")
+    pairs = splits["test"]
     big = write_checkpoint(tmp_path / "big.pth", root, split_file, True,
                            [p.image for p in pairs], size=(128, 128), seed=1)
-    ensemble = test_model.load_predictor([ckpt, big], "Model", cpu)
+    ensemble = predict.load_predictor([ckpt, big], "Model", CPU)
     hws = [Image.open(p.image).size[::-1] for p in pairs]
     batch = torch.cat([preprocess.eval_input(p.image, NET_SIZE)[0] for p in pairs])
     maps = ensemble.batch(batch, pairs)
     for pair, got, hw in zip(pairs, maps, hws):
-        members = [test_model.predict(m, c, pair.image, cpu) for m, c, _ in ensemble.members]
+        members = [predict.predict(m, c, pair.image, CPU) for m, c, _ in ensemble.members]
         expected = np.mean(members, axis=0)
         got = preprocess.prob_to_original(got, hw)  # as the scoring threads resize it
         assert got.shape == expected.shape == hw
@@ -573,7 +582,7 @@ def test_cross_validation_pools_the_out_of_fold_images(tmp_path, capsys):
     assert plain["fold_std"]["iou"] > 0  # two folds that differ: the spread is measured
     assert len(summary) == 5  # with and without flips and post-processing; the checkpoints
     assert {f: Path(c["checkpoint"]).name for f, c in summary["checkpoints"].items()} == {
-        "0": "resnet18_fold0.pth", "1": "resnet18_fold1.pth"}
+        "0": "fpn_resnet18_fold0.pth", "1": "fpn_resnet18_fold1.pth"}
     # --last: each fold's final epoch (not chosen on the fold it is scored on)
     assert test_model.main(["--cross-validation", str(out), "--last"]) == 0
     assert "replacing" not in capsys.readouterr().out  # a folder of its own
@@ -583,11 +592,11 @@ def test_cross_validation_pools_the_out_of_fold_images(tmp_path, capsys):
     last = json.loads((out / "cross_validation_last" / "summary.json").read_text())
     assert {f: (Path(c["checkpoint"]).name, c["epoch"])
             for f, c in last["checkpoints"].items()} == {
-        "0": ("resnet18_fold0_last.pth", 2), "1": ("resnet18_fold1_last.pth", 2)}
+        "0": ("fpn_resnet18_fold0_last.pth", 2), "1": ("fpn_resnet18_fold1_last.pth", 2)}
     assert last["tta none, no post-processing"]["images"] == 18
     # --checkpoint narrows the folds scored to the models it names
     assert test_model.main(["--cross-validation", str(out), "--checkpoint",
-                            str(out / "resnet18_fold1.pth"), "--out", str(tmp_path / "one")]) == 0
+                            str(out / "fpn_resnet18_fold1.pth"), "--out", str(tmp_path / "one")]) == 0
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert list(one["checkpoints"]) == ["1"]
     assert one["tta none, no post-processing"]["images"] == 9

@@ -2,6 +2,8 @@
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,10 @@ import model as model_lib
 import load_dataset
 import test_model
 import train_model
+import checkpoint as ckpt_lib
+import engine
+import settings as settings_lib
+from conftest import REPO, record_of  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "isic_sample"
 TINY = ["--encoder", "resnet18", "--encoder-weights", "none", "--image-size", "64", "64",
@@ -37,18 +43,18 @@ def train(data, model_dir, *extra):
 
 
 def read_log(model_dir):
-    with open(model_dir / "resnet18_log.csv") as f:
+    with open(model_dir / "fpn_resnet18_log.csv") as f:
         return list(csv.DictReader(f))
 
 
 def test_learning_rate_drops_after_epoch_25_in_every_group():
-    rates = [train_model.lr_for_epoch(e, 1e-4, 25, 1e-5) for e in range(1, 41)]
+    rates = [engine.lr_for_epoch(e, 1e-4, 25, 1e-5) for e in range(1, 41)]
     assert rates[:25] == [1e-4] * 25
     assert rates[25:] == [1e-5] * 15
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     optimizer = torch.optim.Adam([{"params": model[0].parameters()},
                                   {"params": model[1].parameters(), "lr": 5e-4}], lr=1e-4)
-    train_model.set_lr(optimizer, 1e-5)
+    engine.set_lr(optimizer, 1e-5)
     assert [g["lr"] for g in optimizer.param_groups] == [1e-5, 1e-5]
     assert [g["lr"] for g in optimizer.state_dict()["param_groups"]] == [1e-5, 1e-5]
 
@@ -59,21 +65,22 @@ def test_best_checkpoint_holds_the_weights_of_the_best_epoch(demo_data, tmp_path
     rows = read_log(out)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # one row per epoch
     ious = [float(r["valid_iou"]) for r in rows]
-    best = torch.load(out / "resnet18.pth", weights_only=True)
+    best = torch.load(out / "fpn_resnet18.pth", weights_only=True)
     assert best["epoch"] == ious.index(max(ious)) + 1  # only an improving epoch rewrote it
     assert best["valid_iou"] == pytest.approx(max(ious), abs=1e-6)
-    assert best["image_size"] == [64, 64] and best["encoder"] == "resnet18"
-    assert (out / "resnet18_curves.png").stat().st_size > 0
+    assert best["settings"]["image_size"] == [64, 64]
+    assert (best["settings"]["arch"], best["settings"]["encoder"]) == ("FPN", "resnet18")
+    assert (out / "fpn_resnet18_curves.png").stat().st_size > 0
 
     # runs repeat bit for bit, so a run stopped at the best epoch ends with exactly the
     # weights the best checkpoint holds, whichever epoch that was
     again = tmp_path / "again"
     assert train(data, again, "--epochs", str(best["epoch"]), "--lr", "3e-3") == 0
-    at_best = torch.load(again / "resnet18_last.pth", weights_only=True)["model_state"]
+    at_best = torch.load(again / "fpn_resnet18_last.pth", weights_only=True)["model_state"]
     assert best["model_state"].keys() == at_best.keys()
     assert all(torch.equal(best["model_state"][k], at_best[k]) for k in at_best)
     if best["epoch"] < 3:  # and the last state is another model: the comparison can fail
-        last = torch.load(out / "resnet18_last.pth", weights_only=True)["model_state"]
+        last = torch.load(out / "fpn_resnet18_last.pth", weights_only=True)["model_state"]
         assert not all(torch.equal(last[k], at_best[k]) for k in at_best)
 
 
@@ -95,9 +102,9 @@ def test_best_checkpoint_round_trip_gives_same_outputs(tmp_path):
     settings = {"encoder": "resnet18", "encoder_depth": 5, "image_size": (64, 64),
                 "threshold": 0.5, "demo": False, "data": "d", "split_file": "s"}
     path = tmp_path / "m.pth"
-    model_lib.save_checkpoint(model_lib.checkpoint_record(model, settings, 1, 0.5), path)
+    ckpt_lib.save_checkpoint(record_of(model, settings, 1, 0.5), path)
     ckpt = torch.load(path, weights_only=True)
-    rebuilt = model_lib.model_from_checkpoint(ckpt).eval()
+    rebuilt = ckpt_lib.model_from_checkpoint(ckpt).eval()
     with torch.no_grad():
         assert torch.equal(model.eval()(x), rebuilt(x))
 
@@ -115,8 +122,8 @@ def test_resumed_run_with_loader_workers_is_bit_identical_to_a_straight_run(demo
     for row in a + b:
         del row["seconds"]
     assert a == b and [r["epoch"] for r in b] == ["1", "2", "3", "4"]
-    last_a = torch.load(straight / "resnet18_last.pth", weights_only=True)
-    last_b = torch.load(resumed / "resnet18_last.pth", weights_only=True)
+    last_a = torch.load(straight / "fpn_resnet18_last.pth", weights_only=True)
+    last_b = torch.load(resumed / "fpn_resnet18_last.pth", weights_only=True)
     assert all(torch.equal(last_a["model_state"][k], last_b["model_state"][k])
                for k in last_a["model_state"])
     moments_a = last_a["optimizer_state"]["state"]
@@ -135,19 +142,21 @@ def test_validation_in_the_csv_is_what_evaluate_reports_with_the_checkpoints_nor
     odd = ["--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5"]
     # loader workers, the cache and test_model's own defaults: the settings a user runs
     assert train(data, out, "--epochs", "3", "--lr", "3e-3", "--workers", "2", *odd) == 0
-    best = model_lib.load_checkpoint(out / "resnet18.pth")
-    assert best["mean"] == [0.5] * 3 and best["std"] == [0.5] * 3
+    best = ckpt_lib.load_checkpoint(out / "fpn_resnet18.pth")
+    assert best["settings"]["mean"] == [0.5] * 3 and best["settings"]["std"] == [0.5] * 3
     row = read_log(out)[best["epoch"] - 1]
     # the console's row of that epoch: IoU, Dice and thresholded Jaccard as in the CSV
     console = next(line.split() for line in capsys.readouterr().out.splitlines()
                    if line.split()[:1] == [str(best["epoch"])])
     assert [float(v) for v in console[4:7]] == pytest.approx(
         [float(row[f"valid_{k}"]) for k in ("iou", "dice", "threshold_jaccard")], abs=1e-4)
-    assert test_model.main(["--checkpoint", str(out / "resnet18.pth"), "--evaluate",
+    assert test_model.main(["--checkpoint", str(out / "fpn_resnet18.pth"), "--evaluate",
                             "--split", "valid"]) == 0
-    summary = json.loads((out / "evaluation" / "resnet18" / "valid" / "summary.json").read_text())
+    summary = json.loads((out / "evaluation" / "fpn_resnet18" / "valid" / "summary.json")
+                         .read_text())
     assert summary["images"] == 2 and summary["epoch"] == best["epoch"]
-    assert summary["recipe"]["lr"] == 3e-3 and summary["recipe"] == best["recipe"]
+    assert summary["settings"]["lr"] == 3e-3 and summary["settings"] == best["settings"]
+    assert summary["models"][0]["arch"] == "FPN"
     for key in ("iou", "dice", "threshold_jaccard"):
         assert summary[key] == pytest.approx(float(row[f"valid_{key}"]), abs=1e-4), key
     assert 0.0 < summary["iou"] < 1.0  # a real comparison, not two empty masks
@@ -156,11 +165,11 @@ def test_validation_in_the_csv_is_what_evaluate_reports_with_the_checkpoints_nor
 def test_finished_run_resumed_does_nothing(demo_data, tmp_path, capsys):
     data, out = fresh_data(demo_data, tmp_path), tmp_path / "Model"
     assert train(data, out, "--epochs", "1") == 0
-    before = (out / "resnet18_last.pth").stat().st_mtime_ns
+    before = (out / "fpn_resnet18_last.pth").stat().st_mtime_ns
     capsys.readouterr()
     assert train(data, out, "--epochs", "1", "--resume") == 0
     assert "nothing to do" in capsys.readouterr().out
-    assert (out / "resnet18_last.pth").stat().st_mtime_ns == before
+    assert (out / "fpn_resnet18_last.pth").stat().st_mtime_ns == before
 
 
 def test_a_new_run_over_an_earlier_one_stops_unless_told_and_a_resume_does_not(demo_data,
@@ -171,20 +180,20 @@ def test_a_new_run_over_an_earlier_one_stops_unless_told_and_a_resume_does_not(d
     with pytest.raises(SystemExit) as stop:  # before training, naming the ways on
         train(data, out, "--epochs", "1")
     assert str(stop.value.code) == (
-        f"error: {out} already holds the run resnet18 (epoch 1 of 1, data {data.resolve()}): "
+        f"error: {out} already holds the run fpn_resnet18 (epoch 1 of 1, data {data.resolve()}): "
         f"pass --resume to continue it, --model-dir NEW to keep both, or --replace to start it "
         f"over")
     assert train(data, out, "--epochs", "1", "--replace") == 0
     assert [line for line in capsys.readouterr().out.splitlines() if "replaces" in line] == [
-        f"note: this new run replaces the earlier one in {out} (resnet18.pth, resnet18_last.pth, "
-        f"resnet18_log.csv, resnet18_curves.png)"]
+        f"note: this new run replaces the earlier one in {out} (fpn_resnet18.pth, fpn_resnet18_last.pth, "
+        f"fpn_resnet18_log.csv, fpn_resnet18_curves.png)"]
     assert train(data, out, "--epochs", "2", "--resume") == 0
     assert "replaces" not in capsys.readouterr().out
-    (out / "resnet18_last.pth").unlink()  # --resume with no state starts over, over the rest
+    (out / "fpn_resnet18_last.pth").unlink()  # --resume with no state starts over, over the rest
     assert train(data, out, "--epochs", "1", "--resume", "--replace") == 0
     assert [line for line in capsys.readouterr().out.splitlines() if "replaces" in line] == [
-        f"note: this new run replaces the earlier one in {out} (resnet18.pth, resnet18_log.csv, "
-        f"resnet18_curves.png)"]
+        f"note: this new run replaces the earlier one in {out} (fpn_resnet18.pth, fpn_resnet18_log.csv, "
+        f"fpn_resnet18_curves.png)"]
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -221,7 +230,7 @@ def test_wrong_setting_is_refused_naming_the_constant(demo_data, tmp_path, flags
         train(data, tmp_path / "Model", "--epochs", "1", *flags)
     message = str(stop.value.code)
     assert constant in message and "\n" not in message.strip()
-    assert not (tmp_path / "Model" / "resnet18.pth").exists()
+    assert not (tmp_path / "Model" / "fpn_resnet18.pth").exists()
 
 
 def test_the_model_learns_real_lesions_until_it_fits_them(tmp_path):
@@ -238,28 +247,29 @@ def test_the_model_learns_real_lesions_until_it_fits_them(tmp_path):
     loss_fn = model_lib.make_loss()
     train_loader = load_dataset.make_loader(pairs, (96, 96), batch_size=12)
     score_loader = load_dataset.make_loader(pairs, (96, 96), batch_size=12, truth=True)
-    trainer = model_lib.Trainer(model, loss_fn, torch.device("cpu"), optimizer)
-    before = train_model.validate(trainer, score_loader, threads=1)["iou"]
+    trainer = engine.Trainer(model, loss_fn, torch.device("cpu"), optimizer)
+    before = engine.validate(trainer, score_loader, threads=1)["iou"]
     for epoch in range(1, 61):
-        train_model.set_lr(optimizer, train_model.lr_for_epoch(epoch, 1e-3, 45, 1e-4))
-        train_model.train_one_epoch(trainer, train_loader, epoch, [], progress=False)
-    fitted = train_model.validate(trainer, score_loader, threads=1)
+        engine.set_lr(optimizer, engine.lr_for_epoch(epoch, 1e-3, 45, 1e-4))
+        engine.train_one_epoch(trainer, train_loader, epoch, [], progress=False)
+    fitted = engine.validate(trainer, score_loader, threads=1)
     assert fitted["images"] == 12
     assert before < 0.5 and fitted["iou"] >= 0.85, (before, fitted["iou"])
 
 
 # ----------------------------------------------------------------------------- one home per setting
 
-def test_a_new_setting_is_one_line_and_gets_its_flag_its_help_its_recipe_and_its_resume_check(
-        tmp_path, monkeypatch):
-    """A constant added to the settings block, and nothing else: the copy of train_model.py
-    gets a flag with the constant's comment as help and its value as default, a place in the
-    recipe every checkpoint records, and a resume check that refuses another value."""
+def test_a_new_setting_is_its_constant_and_its_row_and_gets_its_flag_recipe_and_resume_check(
+        tmp_path):
+    """A new setting is its constant and its row in SETTINGS (its use aside): that gives it a
+    flag with the row's help and the constant's value as default, a place in the settings
+    every checkpoint records, and a resume check that refuses another value."""
     import importlib.util
 
     source = Path(train_model.__file__).read_text()
-    line = "WARMUP_EPOCHS = 0                  # epochs of warm-up before the first LR\n"
-    source = source.replace("SEED = 42 ", line + "SEED = 42 ", 1)
+    source = source.replace("SEED = 42\n", "WARMUP_EPOCHS = 0\nSEED = 42\n", 1)
+    source = source.replace('    Setting("SEED",', '    Setting("WARMUP_EPOCHS", "epochs of warm-up '
+                            'before the first LR", FIXED),\n    Setting("SEED",', 1)
     path = tmp_path / "train_model_plus.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("train_model_plus", path)
@@ -271,35 +281,77 @@ def test_a_new_setting_is_one_line_and_gets_its_flag_its_help_its_recipe_and_its
     help_text = " ".join(plus.build_parser().format_help().split())
     assert "--warmup-epochs WARMUP_EPOCHS epochs of warm-up before the first LR (default: 0)" \
         in help_text
-    assert plus.recipe(args)["warmup_epochs"] == 3
+    assert plus.run_settings(args)["warmup_epochs"] == 3
     torch.manual_seed(0)
-    state = model_lib.checkpoint_record(torch.nn.Linear(1, 1), {
-        "encoder": "resnet18", "encoder_depth": 5, "image_size": (64, 64), "threshold": 0.5,
-        "recipe": {"warmup_epochs": 0}}, 1, 0.5)
+    state = record_of(torch.nn.Linear(1, 1), {"warmup_epochs": 0})
     state.update(optimizer_state={}, best_iou=0.5, history=[], iter_log=[])
-    last = tmp_path / "resnet18_last.pth"
+    last = tmp_path / "fpn_resnet18_last.pth"
     torch.save(state, last)
-    with pytest.raises(model_lib.SettingError, match=r"WARMUP_EPOCHS=0, not 3"):
+    with pytest.raises(settings_lib.SettingError, match=r"WARMUP_EPOCHS=0, not 3"):
         plus.load_resume_state(last, args)
 
 
-def test_every_setting_flag_shows_its_true_default():
-    parser = train_model.build_parser()
-    formatter = parser._get_formatter()
-    settings = [a for a in parser._actions if a.dest in train_model.CONSTANT_OF]
-    assert len(settings) == len(train_model.SETTINGS) > 20
-    for action in settings:
-        assert "%(default)" in formatter._get_help_string(action), action.dest
-        assert action.default == getattr(train_model, train_model.CONSTANT_OF[action.dest])
-    help_text = " ".join(parser.format_help().split())
-    assert "--cache, --no-cache decode and resize each image once" in help_text
+def test_an_architecture_is_one_line_and_two_on_one_encoder_keep_their_own_files(
+        demo_data, tmp_path, monkeypatch, capsys):
+    """One line in model.ARCHITECTURES adds a network: it trains beside an FPN on the same
+    encoder in the same folder without touching the FPN's files, its checkpoint records it,
+    and test_model.py rebuilds it from the checkpoint alone and names it."""
+    monkeypatch.setitem(model_lib.ARCHITECTURES, "Linknet", model_lib.no_arguments)
+    data, out = fresh_data(demo_data, tmp_path), tmp_path / "Model"
+    assert train(data, out, "--epochs", "1") == 0
+    fpn = (out / "fpn_resnet18.pth").read_bytes()
+    assert train(data, out, "--epochs", "1", "--arch", "Linknet") == 0
+    assert (out / "fpn_resnet18.pth").read_bytes() == fpn
+    linknet = ckpt_lib.load_checkpoint(out / "linknet_resnet18.pth")
+    assert linknet["settings"]["arch"] == "Linknet"
+    assert type(ckpt_lib.model_from_checkpoint(linknet)).__name__ == "Linknet"
+    with open(out / "linknet_resnet18_log.csv") as f:
+        assert next(csv.DictReader(f))["network"] == "Linknet resnet18"
+    capsys.readouterr()
+    assert test_model.main(["--checkpoint", str(out / "linknet_resnet18.pth"), "--evaluate",
+                            "--split", "valid", "--workers", "0"]) == 0
+    assert "(given by --checkpoint; Linknet resnet18 at 64x64" in capsys.readouterr().out
+    summary = json.loads((out / "evaluation" / "linknet_resnet18" / "valid" / "summary.json")
+                         .read_text())
+    assert summary["models"][0]["arch"] == "Linknet"
+    report = (out / "evaluation" / "linknet_resnet18" / "valid" / "report.html").read_text()
+    assert "Linknet resnet18" in report
+    with pytest.raises(SystemExit, match="ARCH 'Nope' is not one of FPN, Unet"):
+        train(data, out, "--epochs", "1", "--arch", "Nope")
+
+
+def test_every_setting_has_a_flag_that_shows_its_true_default():
+    """Every constant of the three scripts' settings blocks has its row, and its flag's
+    default (shown in --help) is the constant's value."""
+    import ast
+
+    import export_model
+
+    for script in (train_model, test_model, export_model):
+        block = Path(script.__file__).read_text().split("# " + "-" * 77 + " settings")[1]
+        block = block.split("SETTINGS = [")[0]
+        constants = [t.id for node in ast.parse(block).body if isinstance(node, ast.Assign)
+                     for t in node.targets]
+        assert [s.name for s in script.SETTINGS] == constants, script.__name__
+        args = script.parse_args([])
+        for s in script.SETTINGS:
+            assert getattr(args, s.key) == getattr(script, s.name), s.name
+    help_text = " ".join(train_model.build_parser().format_help().split())
+    assert "--cache, --no-cache decode and resize each image once, then read the small copy " \
+           "(default: True)" in help_text
+    assert "--image-size H W (height, width) every image is resized to (default: 320 320)" \
+        in help_text
+    test_help = " ".join(subprocess.run([sys.executable, "test_model.py", "--help"], cwd=REPO,
+                                        capture_output=True, text=True).stdout.split())
+    assert "--mixed-precision, --no-mixed-precision" in test_help
+    assert "--channels-last, --no-channels-last" in test_help
 
 
 # ----------------------------------------------------------------------------- resume and data
 
 def interrupt_in_epoch(monkeypatch, epoch):
     """Ctrl-C at the start of the given epoch's training."""
-    real = train_model.train_one_epoch
+    real = engine.train_one_epoch
 
     def train_or_stop(trainer, loader, at, *args, **kwargs):
         if at == epoch:
@@ -323,14 +375,14 @@ def test_resume_alone_restores_the_run_and_ends_as_a_straight_run(demo_data, tmp
                              "--quiet"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first == (f"resuming after epoch 2 (best valid IoU {read_best(resumed):.4f}) of "
-                     f"{resumed / 'resnet18_last.pth'}: FPN resnet18, data {data.resolve()}, "
+                     f"{resumed / 'fpn_resnet18_last.pth'}: FPN resnet18, data {data.resolve()}, "
                      f"3 epochs in all")
     a, b = read_log(straight), read_log(resumed)
     for row in a + b:
         del row["seconds"]
     assert a == b
-    last_a = torch.load(straight / "resnet18_last.pth", weights_only=True)["model_state"]
-    last_b = torch.load(resumed / "resnet18_last.pth", weights_only=True)["model_state"]
+    last_a = torch.load(straight / "fpn_resnet18_last.pth", weights_only=True)["model_state"]
+    last_b = torch.load(resumed / "fpn_resnet18_last.pth", weights_only=True)["model_state"]
     assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
 
 
@@ -364,11 +416,11 @@ def test_a_run_on_other_data_into_the_same_model_folder_stops_before_training(de
     with pytest.raises(SystemExit) as stop:
         train(other, out, "--epochs", "1", "--folds", "2", "--fold", "0")
     assert str(stop.value.code) == (
-        f"error: {out} holds resnet18_last.pth, trained on other data ({data.resolve()}): pass "
+        f"error: {out} holds fpn_resnet18_last.pth, trained on other data ({data.resolve()}): pass "
         f"--model-dir NEW to keep the runs apart (one model folder per dataset), or --replace "
         f"to train here anyway")
     assert "train_loss" not in capsys.readouterr().out  # no epoch began
-    assert not (out / "resnet18_fold0_last.pth").exists()
+    assert not (out / "fpn_resnet18_fold0_last.pth").exists()
 
 
 def test_under_torchrun_the_silenced_console_is_closed_and_given_back(demo_data, tmp_path,
