@@ -19,7 +19,8 @@ def lr_for_epoch(epoch, lr, drop_epoch, lr_after):
 
 def make_optimizer(model, lr, device):
     """Adam over every parameter. On the CPU its fused kernel: the per-parameter loop took
-    12-16% of a resnet18 step at 128x128 there, the fused one a seventh of that (docs/speed.md); CUDA keeps torch's default (foreach) implementation."""
+    12-16% of a resnet18 step at 128x128 there, the fused one a seventh of that
+    (docs/speed.md); CUDA keeps torch's default (foreach) implementation."""
     return torch.optim.Adam(model.parameters(), lr=lr,
                             fused=True if device.type == "cpu" else None)
 

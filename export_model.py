@@ -9,9 +9,9 @@ probability (H, W) float32 and the mask (H, W) uint8 0/255, both at the image's 
 Inside it are the steps test_model.py takes: the resize to each member's network size with its
 interpolation (OpenCV's area averaging, rounded to uint8, as in training), the mean and std,
 the network, the sigmoid, the mean over test-time views and ensemble members, the linear
-resize back and the threshold. Only the network is traced, at its fixed network size; every step that
-depends on the image's size is written here as ONNX operators that read it when the graph
-runs. Edit the constants below, or pass the matching flag.
+resize back and the threshold. Only the network is traced, at its fixed network size;
+every step that depends on the image's size is written here as ONNX operators that read it
+when the graph runs. Edit the constants below, or pass the matching flag.
 """
 import argparse
 import hashlib

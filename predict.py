@@ -76,14 +76,10 @@ def load_model(path, compute):
 
 
 ONNX_FORMAT = "melanoma-fpn-onnx"  # export_model.py's marker in the file's metadata
-
-
 ONNX_VERSION = 2
-
-
 # what test_model.py needs from an exported file's metadata
-ONNX_KEYS = ("format", "version", "arch", "encoder", "network_size", "interpolation", "mean", "std",
-             "threshold", "tta", "views", "recipe", "sources", "members", "opset")
+ONNX_KEYS = ("format", "version", "arch", "encoder", "network_size", "interpolation", "mean",
+             "std", "threshold", "tta", "views", "recipe", "sources", "members", "opset")
 
 
 def onnx_metadata(path):
@@ -132,8 +128,9 @@ def onnx_session(path, threads=None):
 
 
 class OnnxPredictor:
-    """An exported file run by onnxruntime's CPU provider, with the interface of Predictor. The graph does the resizing, views and mean itself: it is given each
-    image as preprocess.read_image decodes it for the PyTorch path (a JPEG at reduced scale;
+    """An exported file run by onnxruntime's CPU provider, with the interface of Predictor.
+    The graph does the resizing, views and mean itself: it is given each image as
+    preprocess.read_image decodes it for the PyTorch path (a JPEG at reduced scale;
     grey, RGBA and 16-bit images converted alike) and returns the probability map at the
     image's own size."""
 

@@ -785,8 +785,9 @@ def run(args):
         if args.threshold_analysis or args.calibrate:
             raise UsageError("--threshold-analysis and --calibrate need the .pth checkpoint(s)")
         print(predictor.runtime())
+    post = "largest region filled" if args.postprocess else "none"
     print(f"device: {compute.device.type}; threshold {threshold:g}; test-time views: "
-          f"{predictor.tta}; post-processing: {'largest region filled' if args.postprocess else 'none'}")
+          f"{predictor.tta}; post-processing: {post}")
     if ckpt["settings"]["demo"]:
         print("note: this checkpoint was trained on generated demo data, not on real lesions")
     outputs = Path(args.out) if args.out else None

@@ -212,7 +212,7 @@ class Run:
     and its progress."""
     args: argparse.Namespace
     paths: dict
-    record: dict  # the settings every checkpoint carries (model.checkpoint_record)
+    record: dict  # what every checkpoint carries besides its weights (checkpoint.make_checkpoint)
     trainer: engine.Trainer = None
     progress: Progress = field(default_factory=Progress)
 
