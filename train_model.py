@@ -563,9 +563,10 @@ def run_epochs(run, loaders):
             saved_epoch = epoch
             warn_of_missing_images(run, loaders, trained, valid, epoch)
     except KeyboardInterrupt:
+        where = "" if Path(args.model_dir) == Path(MODEL_DIR) else f" --model-dir {args.model_dir}"
         raise Interrupted(
             f"in epoch {epoch}; the resume state {run.paths['last']} holds epoch {saved_epoch}: "
-            f"continue with --resume" if saved_epoch else
+            f"continue with --resume{where}" if saved_epoch else
             f"in epoch {epoch}, before any epoch finished: nothing was saved") from None
 
 

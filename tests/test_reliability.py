@@ -410,7 +410,7 @@ def test_ctrl_c_keeps_the_resume_state_and_exits_with_one_line(trained, tmp_path
     assert stop.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"interrupted: in epoch 2; the resume state {out / 'fpn_resnet18_last.pth'} "
-                       f"holds epoch 1: continue with --resume")
+                       f"holds epoch 1: continue with --resume --model-dir {out}")
     assert fingerprint(out / "fpn_resnet18_last.pth") == before
     assert not list(out.glob("*.tmp"))
 
