@@ -5,7 +5,7 @@ of each one its help, its flag and how a saved run treats it.
     ...
     SETTINGS = [Setting("DATA_DIR", "folder with the ISIC folders", RECORDED, flag="--data"), ...]
 
-From the table and the constants' values, `parser` makes the flags (default: the constant's
+From the table and the constants' values, `add_flags` makes the flags (default: the constant's
 value, help: the table's text), `parse` tells which settings the command line gave, `recipe`
 is what a checkpoint records, and `resume_conflicts` / `take_saved` are the resume check. No
 source file is read: adding a setting is its constant, its row and its use.

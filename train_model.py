@@ -129,7 +129,7 @@ class Interrupted(Exception):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     settings_lib.add_flags(p, SETTINGS, globals())
-    p.add_argument("--fold", type=int, default=None,
+    p.add_argument("--fold", type=int, default=argparse.SUPPRESS,  # unset: not given
                    help="with FOLDS=K: the fold (0..K-1) that validates; the others train")
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose resume state is in --model-dir, with its own "
@@ -149,8 +149,10 @@ def parse_args(argv=None):
     """The settings of a run: each constant, or the flag that replaces it. `args.given` holds
     the settings given on the command line (a resume takes the others from its state)."""
     args, args.given = settings_lib.parse(build_parser(), SETTINGS, globals(), argv)
-    if "--fold" in (argv if argv is not None else sys.argv[1:]):
+    if hasattr(args, "fold"):
         args.given.add("fold")
+    else:
+        args.fold = None
     if args.demo:  # demo settings replace only what the command line does not set
         for key, value in DEMO.items():
             if key not in args.given:
