@@ -1,19 +1,22 @@
 """The 5-fold table of docs/results.md: training recipes against a baseline, fold by fold.
 
-    python benchmarks/compare_recipes.py --plain runs/plain runs/r128 runs/paper --last
-    python benchmarks/compare_recipes.py --reference runs/r128 runs/paper runs/unet
+    python benchmarks/compare_recipes.py --plain runs/plain runs/fpn runs/unet --last
+    python benchmarks/compare_recipes.py --reference runs/fpn runs/unet runs/deeplabv3plus --last
 
-The runs behind the table (D: the data; two such loops at a time on 2 cores):
+The runs behind the tables (D: the data; one run at a time, one thread each):
 
     export OMP_NUM_THREADS=1
     for i in 0 1 2 3 4; do
-      python benchmarks/plain_loop.py --data D --fold $i --minutes 3.7 \
+      python train_model.py --data D --model-dir runs/fpn --folds 5 --fold $i \
+          --encoder resnet18 --encoder-weights none --image-size 128 128 --epochs 13 \
+          --lr 3e-4 --lr-drop-epoch 10 --lr-after-drop 3e-5 --workers 1 --quiet
+      python train_model.py --data D --model-dir runs/unet --arch Unet --folds 5 --fold $i \
+          --encoder resnet18 --encoder-weights none --image-size 128 128 --epochs 11 \
+          --lr 3e-4 --lr-drop-epoch 8 --lr-after-drop 3e-5 --workers 1 --quiet
+      python benchmarks/plain_loop.py --data D --fold $i --minutes 3.37 \
           --per-image runs/plain/plain_$i.csv
-      python train_model.py --data D --model-dir runs/r128 --folds 5 --fold $i \
-          --encoder resnet18 --encoder-weights none --image-size 128 128 --epochs 9 \
-          --lr 3e-4 --lr-drop-epoch 7 --lr-after-drop 3e-5 --workers 1 --quiet
     done
-    python test_model.py --cross-validation runs/r128 --last
+    python test_model.py --cross-validation runs/fpn --last   # and runs/unet
 
 The baseline is one of two:
 
