@@ -444,18 +444,11 @@ def metadata_of(records, tta, threshold, opset):
 # ----------------------------------------------------------------------------- checks
 
 def torch_probability(members, image, tta="none", precision=(False, False)):
-    """The PyTorch path of test_model.py from a decoded image: each member's resize, FPN and
-    views, its map resized to the image's size, the mean over members. `precision`: (autocast?,
-    channels_last?), float32 by default, as the graph computes."""
-    maps = []
-    for net, ckpt, _ in members:
-        settings = input_settings(ckpt)
-        small, _ = preprocess.resize_pair(image, None, settings.size_hw, settings.interpolation)
-        x = preprocess.to_tensor(small, settings.mean, settings.std)[None]
-        prob = predict.tta_probabilities(net, x, torch.device("cpu"), tta,
-                                         *precision)[0].numpy()
-        maps.append(preprocess.prob_to_original(prob, image.shape[:2]))
-    return maps[0] if len(maps) == 1 else np.mean(maps, axis=0)
+    """The PyTorch path of test_model.py from a decoded image (predict.decoded_probability) on
+    the CPU. `precision`: (MIXED_PRECISION, CHANNELS_LAST), float32 by default, as the graph
+    computes."""
+    return predict.decoded_probability(members, image,
+                                       device_lib.Compute(torch.device("cpu"), *precision), tta)
 
 
 def check_image(hw, seed=0):

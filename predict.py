@@ -220,6 +220,20 @@ def predict_batch(model, images, compute, tta="none"):
                              compute.channels_last).cpu().numpy()
 
 
+def decoded_probability(members, image, compute, tta="none"):
+    """(H, W) map of a decoded uint8 (H, W, 3) image by [(model, ckpt, path)]: each member's
+    resize, network and views, its map resized to the image's size, the mean over members.
+    The steps an exported graph holds, in PyTorch."""
+    maps = []
+    for model, ckpt, _ in members:
+        settings = input_settings(ckpt)
+        small, _ = preprocess.resize_pair(image, None, settings.size_hw, settings.interpolation)
+        x = preprocess.to_tensor(small, settings.mean, settings.std)[None]
+        maps.append(preprocess.prob_to_original(predict_batch(model, x, compute, tta)[0],
+                                                image.shape[:2]))
+    return maps[0] if len(maps) == 1 else np.mean(maps, axis=0)
+
+
 def predict(model, ckpt, image_path, compute, exif=True, hw=None, tta="none"):
     """Probability map (float32) of one image at its size as read (or at `hw`)."""
     tensor, read_hw = preprocess.eval_input(image_path, input_settings(ckpt), exif=exif)

@@ -87,7 +87,7 @@ def parse(parser, table, values, argv=None):
     given = {s.key for s in table if hasattr(args, s.key)}
     for s in table:
         value = getattr(args, s.key, values[s.name])
-        setattr(args, s.key, tuple(value) if isinstance(value, list) else value)
+        setattr(args, s.key, as_setting(value))
     return args, given
 
 
@@ -97,7 +97,13 @@ def recipe(table, args):
 
 
 def plain(value):
+    """A setting as a checkpoint (JSON) stores it: tuples as lists."""
     return list(value) if isinstance(value, tuple) else value
+
+
+def as_setting(value):
+    """A stored or parsed setting as its constant holds it: lists as tuples."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def resume_conflicts(table, saved, args, given):
@@ -106,8 +112,7 @@ def resume_conflicts(table, saved, args, given):
     differ = []
     for s in table:
         if s.role == FIXED and s.key in given and s.key in saved:
-            value, current = saved[s.key], getattr(args, s.key)
-            value = tuple(value) if isinstance(value, list) else value
+            value, current = as_setting(saved[s.key]), getattr(args, s.key)
             if value != current:
                 differ.append(f"{s.name}={value!r}, not {current!r}")
     return differ
@@ -118,4 +123,4 @@ def take_saved(table, saved, args, given):
     for s in table:
         if s.role != MACHINE and s.key not in given and s.key in saved:
             value = saved[s.key]
-            setattr(args, s.key, tuple(value) if isinstance(value, list) else value)
+            setattr(args, s.key, as_setting(value))

@@ -263,11 +263,6 @@ def check_writable(folder):
                            f"{exc.strerror or exc}") from None
 
 
-def input_settings(args):
-    return preprocess.InputSettings(args.image_size, preprocess.INTERPOLATION, args.mean,
-                                    args.std)
-
-
 # ----------------------------------------------------------------------------- resume
 
 def find_resume_state(args):
@@ -514,7 +509,7 @@ def run(args):
     run_ = Run(args, paths, record, engine.Trainer(
         model, model_lib.make_loss(args.loss), compute.device, optimizer, scaler, compute.mixed,
         compute.channels_last, args.threshold), progress)
-    run_epochs(run_, make_loaders(splits, args, compute.device))
+    run_epochs(run_, make_loaders(splits, run_, compute.device))
     print(f"best valid IoU {progress.best_iou:.4f} (per image, at original size); model: "
           f"{paths['best']}; log: {paths['log']}; curves: {paths['curves']}")
     if found.corrected or found.skipped or progress.unread:
@@ -683,7 +678,9 @@ def report_data(found, splits, args, report_path):
         f"Split {k}: {load_dataset.pairs_word(len(v))}" for k, v in splits.items()) + "\n")
 
 
-def make_loaders(splits, args, device):
+def make_loaders(splits, run, device):
+    """The training and validation loaders, preprocessing as the run's checkpoints record it."""
+    args = run.args
     cache = None
     if args.cache:
         cache = preprocess.PreprocessCache(load_dataset.cache_dir_for(args.data),
@@ -691,7 +688,7 @@ def make_loaders(splits, args, device):
     options = load_dataset.LoaderOptions(workers=args.workers, cache=cache, seed=args.seed,
                                          pin_memory=device.type == "cuda", rank=rank(),
                                          world=world_size())
-    settings = input_settings(args)
+    settings = checkpoint.input_settings(run.record)
     return (load_dataset.make_loader(splits["train"], settings, args.batch_size, options,
                                      train=True, augment=args.augment),
             load_dataset.make_loader(splits["valid"], settings, args.batch_size, options,

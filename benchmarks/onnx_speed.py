@@ -29,7 +29,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import checkpoint  # noqa: E402
 import device as device_lib  # noqa: E402
 import pipeline  # noqa: E402  (its JPEG generator and untrained checkpoint)
 import predict  # noqa: E402
@@ -66,22 +65,9 @@ def decoded_images(folder):
     return [preprocess.read_image(task[2]) for task in tasks]
 
 
-def pytorch_probability(members, image, tta, compute):
-    """The PyTorch path of test_model.py from a decoded image: each member's resize, network
-    and views, its map resized to the image's size, the mean over members."""
-    maps = []
-    for net, ckpt, _ in members:
-        settings = checkpoint.input_settings(ckpt)
-        small, _ = preprocess.resize_pair(image, None, settings.size_hw, settings.interpolation)
-        x = preprocess.to_tensor(small, settings.mean, settings.std)[None]
-        prob = predict.predict_batch(net, x, compute, tta)[0]
-        maps.append(preprocess.prob_to_original(prob, image.shape[:2]))
-    return maps[0] if len(maps) == 1 else np.mean(maps, axis=0)
-
-
 def pytorch_mask(members, image, tta, threshold, compute):
     """The 0/255 mask test_model.py writes (test_model.finish_mask, to_png_mask)."""
-    prob = pytorch_probability(members, image, tta, compute)
+    prob = predict.decoded_probability(members, image, compute, tta)
     return np.where(preprocess.binarise(prob, threshold), 255, 0).astype(np.uint8)
 
 
@@ -181,7 +167,7 @@ def run(args, tmp):
     images = decoded_images(tmp)
     seconds = measure(members, session, images, args.tta, args.rounds, (threshold, compute))
     worst = max(float(np.abs(session.run(["probability"], {"image": im})[0]
-                             - pytorch_probability(members, im, args.tta, compute)).max())
+                             - predict.decoded_probability(members, im, compute, args.tta)).max())
                 for im in images)
     return members, images, seconds, export_s, worst
 
