@@ -19,6 +19,9 @@ FIXED = "fixed"        # part of the run: recorded in every checkpoint; --resume
 RECORDED = "recorded"  # recorded too, but a resume may change it (EPOCHS extends a run)
 MACHINE = "machine"    # how this machine runs it, not what the run is: never recorded
 
+# `Setting.older` of a setting that every record the project has written holds (version 2 on)
+IN_EVERY_RECORD = "in every record"
+
 
 class SettingError(ValueError):
     """A setting that cannot work; the message names the constant."""
@@ -34,6 +37,9 @@ class Setting:
     choices: tuple = None
     type: object = None     # default: the type of the constant's value (str for None)
     nargs: str = None       # "+" for a list of any length (CHECKPOINT, THRESHOLDS)
+    older: object = IN_EVERY_RECORD  # a recorded setting added later: the value a record
+    #                        written before it existed stands for (the behaviour the code had
+    #                        then), never today's default
 
     @property
     def option(self):
@@ -119,8 +125,11 @@ def resume_conflicts(table, saved, args, given):
 
 
 def take_saved(table, saved, args, given):
-    """The run's recorded settings into `args`, where the command line did not give them."""
+    """The run's recorded settings into `args`, where the command line did not give them. A
+    setting the record predates takes its `older` value, never today's default."""
     for s in table:
-        if s.role != MACHINE and s.key not in given and s.key in saved:
-            value = saved[s.key]
-            setattr(args, s.key, as_setting(value))
+        if s.role != MACHINE and s.key not in given:
+            if s.key in saved:
+                setattr(args, s.key, as_setting(saved[s.key]))
+            elif s.older is not IN_EVERY_RECORD:
+                setattr(args, s.key, as_setting(s.older))
