@@ -1,7 +1,8 @@
 """The training engine: one training step, one validation, the learning-rate rule and the
 optimiser. train_model.py runs them; the benchmarks time these same functions."""
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,17 +18,81 @@ def lr_for_epoch(epoch, lr, drop_epoch, lr_after):
     return lr if epoch <= drop_epoch else lr_after
 
 
-def make_optimizer(model, lr, device):
-    """Adam over every parameter. On the CPU its fused kernel: the per-parameter loop took
-    12-16% of a resnet18 step at 128x128 there, the fused one a seventh of that
-    (docs/speed.md); CUDA keeps torch's default (foreach) implementation."""
-    return torch.optim.Adam(model.parameters(), lr=lr,
-                            fused=True if device.type == "cpu" else None)
+SCHEDULES = ("step", "cosine", "poly")
+POLY_POWER = 0.9  # nnU-Net's poly decay: lr * (1 - t/T) ** 0.9
+
+
+@dataclass(frozen=True)
+class LRPlan:
+    """The learning rate of every training step of a run (steps counted from 0 over all
+    epochs): a linear warm-up over `warmup` steps, then `kind`'s rule. A rule on the step
+    number alone, so a resumed run lands on the same rates."""
+    kind: str  # "step": `lr` through step `drop`, then `lr_after`; "cosine": down to 0;
+    #            "poly": (1 - t/T)^0.9, as nnU-Net
+    lr: float
+    total: int  # steps in the run
+    warmup: int = 0
+    drop: int = 0  # "step": the first step at lr_after
+    lr_after: float = 0.0
+
+
+def lr_at_step(t, plan):
+    if t < plan.warmup:
+        return plan.lr * (t + 1) / plan.warmup
+    if plan.kind == "step":
+        return plan.lr if t < plan.drop else plan.lr_after
+    done = (t - plan.warmup) / max(1, plan.total - plan.warmup)
+    if plan.kind == "cosine":
+        return plan.lr * 0.5 * (1.0 + math.cos(math.pi * done))
+    return plan.lr * (1.0 - done) ** POLY_POWER
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SGD_MOMENTUM = 0.99  # nnU-Net's SGD: Nesterov momentum 0.99
+
+
+def make_optimizer(model, lr, device, kind="adam", weight_decay=0.0):
+    """Adam (the paper's), AdamW (decoupled weight decay) or nnU-Net's SGD with Nesterov
+    momentum 0.99, over every parameter. Adam and AdamW use the fused kernel on the CPU: the
+    per-parameter loop took 12-16% of a resnet18 step at 128x128 there, the fused one a
+    seventh of that (docs/speed.md); CUDA keeps torch's default (foreach) implementation."""
+    fused = True if device.type == "cpu" else None
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM, nesterov=True,
+                               weight_decay=weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                                 fused=fused)
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:  # every group, not only the decoder's
         group["lr"] = lr
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and batch-norm statistics, updated
+    after each optimiser step. The decay warms up as timm's ModelEmaV3 does, min(decay,
+    (1 + n) / (10 + n)) at the n-th update, so the early average is not stuck near the random
+    start of a short run. Integer buffers (batch counts) are copied."""
+
+    def __init__(self, model, decay, updates=0):
+        self.model = copy.deepcopy(getattr(model, "module", model)).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.decay, self.updates = decay, updates
+
+    @torch.no_grad()
+    def update(self, model):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        source = getattr(model, "module", model).state_dict().values()
+        for mine, theirs in zip(self.model.state_dict().values(), source):
+            if mine.is_floating_point():
+                mine.lerp_(theirs.detach(), 1.0 - d)
+            else:
+                mine.copy_(theirs)
 
 
 def make_scaler(device, mixed):
@@ -70,10 +135,20 @@ class Trainer:
     mixed: bool = False  # autocast (see autocast())
     channels_last: bool = False
     threshold: float = 0.5
+    plan: LRPlan = None  # per-step learning rates; None: the rate set per epoch stays
+    average: WeightAverage = None  # the moving average of the weights, when one is kept
 
     def logits(self, images):
         with autocast(self.device, self.mixed):
             return self.model(to_device(images, self.device, self.channels_last))
+
+
+def evaluated(trainer):
+    """The trainer that validation and the checkpoints see: the weight average's model where
+    one is kept, else the model trained."""
+    if trainer.average is None:
+        return trainer
+    return replace(trainer, model=trainer.average.model)
 
 
 @dataclass
@@ -100,12 +175,17 @@ def train_one_epoch(trainer, loader, epoch, iter_log=None, progress=True):
         if empty:
             skipped += 0 if batch is None else len(batch[0])  # read, but skipped with it
             continue
+        if trainer.plan is not None:  # the run's step number: the same on a resume
+            set_lr(trainer.optimizer, lr_at_step((epoch - 1) * len(loader) + step - 1,
+                                                 trainer.plan))
         images, masks = batch[0], batch[1].to(trainer.device)
         logits = trainer.logits(images)
         loss = trainer.loss_fn(logits.float(), masks)  # in float32: float16 sums overflow
         loss_value = loss.item()  # one device sync per step, reused below
         _stop_if_not_finite(loss_value, epoch, step)
         optimizer_step(loss, trainer.optimizer, trainer.scaler)
+        if trainer.average is not None:
+            trainer.average.update(trainer.model)
         n = images.shape[0]
         total += loss_value * n
         seen += n

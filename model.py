@@ -157,11 +157,13 @@ def load_encoder_weights(model, path, encoder):
     torch.nn.Module.load_state_dict(model.encoder, state, strict=False)
 
 
-LOSSES = ("dice", "dice+bce")
+LOSSES = ("dice", "dice+bce", "lovasz")
 
 
 def make_loss(name="dice"):
-    """The training loss on logits: the paper's Dice, or Dice plus binary cross-entropy."""
+    """The training loss on logits: the paper's Dice (over the batch), Dice plus binary
+    cross-entropy 1:1 (nnU-Net's default), or the Lovasz hinge per image (a surrogate of each
+    image's IoU, which is how ISIC scores)."""
     import segmentation_models_pytorch as smp
 
     dice = smp.losses.DiceLoss("binary", from_logits=True)
@@ -170,4 +172,6 @@ def make_loss(name="dice"):
     if name == "dice+bce":
         bce = torch.nn.BCEWithLogitsLoss()
         return lambda logits, masks: dice(logits, masks) + bce(logits, masks)
-    raise SettingError(f"LOSS={name!r}: use 'dice' or 'dice+bce'")
+    if name == "lovasz":
+        return smp.losses.LovaszLoss("binary", per_image=True, from_logits=True)
+    raise SettingError(f"LOSS={name!r}: use one of {', '.join(LOSSES)}")

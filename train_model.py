@@ -50,6 +50,11 @@ EPOCHS = 40                        # the paper's 40 epochs
 LR = 1e-4                          # the paper's Adam: 1e-4, then 1e-5 after epoch 25
 LR_DROP_EPOCH = 25
 LR_AFTER_DROP = 1e-5
+SCHEDULE = "step"                  # the paper's: LR, then LR_AFTER_DROP after LR_DROP_EPOCH
+WARMUP_EPOCHS = 0.0
+OPTIMIZER = "adam"                 # the paper's
+WEIGHT_DECAY = 0.0
+EMA_DECAY = 0.0                    # no weight average: the paper's
 LOSS = "dice"                      # the paper's
 AUGMENT = "full"
 FOLDS = 1
@@ -87,9 +92,24 @@ SETTINGS = [
             metavar=("R", "G", "B")),
     Setting("BATCH_SIZE", "images per training step (per process under torchrun)", FIXED),
     Setting("EPOCHS", "epochs in all; a resume may raise it to extend the run", RECORDED),
-    Setting("LR", "Adam's learning rate through epoch LR_DROP_EPOCH", FIXED),
+    Setting("LR", "the learning rate through epoch LR_DROP_EPOCH (SCHEDULE step), or the peak "
+            "(cosine, poly)", FIXED),
     Setting("LR_DROP_EPOCH", "the last epoch at LR; later epochs run at LR_AFTER_DROP", FIXED),
     Setting("LR_AFTER_DROP", "the learning rate after the drop", FIXED),
+    Setting("SCHEDULE", '"step": LR, then LR_AFTER_DROP after LR_DROP_EPOCH (the paper\'s); '
+            '"cosine": from LR down to 0 along a half cosine; "poly": LR * (1 - t/T)**0.9, '
+            "nnU-Net's; cosine and poly change the rate every step (measured on a CPU only: "
+            "docs/results.md)", FIXED, choices=engine.SCHEDULES, older="step"),
+    Setting("WARMUP_EPOCHS", "epochs (a fraction allowed) over which the rate rises linearly "
+            "from near 0 to LR, step by step, before SCHEDULE takes over", FIXED, older=0.0),
+    Setting("OPTIMIZER", '"adam" (the paper\'s), "adamw" (decoupled WEIGHT_DECAY) or "sgd" '
+            "(Nesterov momentum 0.99, nnU-Net's; LR near 1e-2)", FIXED,
+            choices=engine.OPTIMIZERS, older="adam"),
+    Setting("WEIGHT_DECAY", "weight decay (decoupled for adamw, L2 for adam and sgd)", FIXED,
+            older=0.0),
+    Setting("EMA_DECAY", "0: off; else the decay of a moving average of the weights, updated "
+            "every step (warmed up as min(decay, (1+n)/(10+n))): validated, saved as the best "
+            "and last model; 0.98 averages about the last 50 steps", FIXED, older=0.0),
     Setting("LOSS", "training loss on the logits", FIXED, choices=model_lib.LOSSES),
     Setting("AUGMENT", '"full": flips, 90-degree turns, small affine moves, colour jitter; '
             '"flips": flips and turns', FIXED, choices=preprocess.AUGMENTS),
@@ -186,6 +206,12 @@ def check_settings(args):
     for constant, value in (("LR", args.lr), ("LR_AFTER_DROP", args.lr_after_drop)):
         if not value > 0:  # NaN fails this too
             raise SettingError(f"{constant}={value} must be greater than 0")
+    for constant, value in (("WARMUP_EPOCHS", args.warmup_epochs),
+                            ("WEIGHT_DECAY", args.weight_decay)):
+        if not value >= 0:
+            raise SettingError(f"{constant}={value} must be 0 or more")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise SettingError(f"EMA_DECAY={args.ema_decay} must be 0 (off) or lie between 0 and 1")
     if not all(s > 0 for s in args.std):
         raise SettingError(f"STD={args.std} must be greater than 0")
     if args.workers < 0:
@@ -314,17 +340,25 @@ def load_resume_state(path, args):
 
 
 def start_training(args, state, paths, compute):
-    """(model, optimizer, scaler, progress) for a new run, or as the resume state left them."""
+    """(model, optimizer, scaler, progress, weight average or None) for a new run, or as the
+    resume state left them."""
     torch.manual_seed(args.seed)
     if state is None:
         model = model_lib.build_model(args.encoder, args.encoder_weights, args.encoder_depth,
                                       args.arch)
-    else:
+    else:  # with a weight average, model_state holds the average: the run's model
         model = checkpoint.model_from_checkpoint(state, paths["last"])
-    optimizer = engine.make_optimizer(model, args.lr, compute.device)
+    average = None
+    if args.ema_decay:
+        average = engine.WeightAverage(model, args.ema_decay,
+                                       state.get("average_updates", 0) if state else 0)
+        if state is not None:
+            model.load_state_dict(state["trained_model_state"])
+    optimizer = engine.make_optimizer(model, args.lr, compute.device, args.optimizer,
+                                      args.weight_decay)
     scaler = engine.make_scaler(compute.device, compute.mixed)
     if state is None:
-        return model, optimizer, scaler, Progress()
+        return model, optimizer, scaler, Progress(), average
     optimizer.load_state_dict(state["optimizer_state"])
     if scaler is not None and state.get("scaler_state"):
         scaler.load_state_dict(state["scaler_state"])
@@ -334,7 +368,7 @@ def start_training(args, state, paths, compute):
         print(f"note: the state was saved by a run of {state['processes']} process(es), "
               f"this one has {world_size()}: each process's share of an epoch changes, so "
               f"the run will not end exactly as a straight one would")
-    return model, optimizer, scaler, progress
+    return model, optimizer, scaler, progress, average
 
 
 def check_same_split(state, record, path):
@@ -349,8 +383,15 @@ def check_same_split(state, record, path):
 
 
 def resume_state(run, epoch, valid_iou):
+    """The last checkpoint: the run's model (the weight average where one is kept), plus
+    what a resume needs: the optimiser, the trained weights beside their average, the logs."""
     trainer, progress = run.trainer, run.progress
-    state = checkpoint.make_checkpoint(trainer.model, run.record, epoch, valid_iou)
+    state = checkpoint.make_checkpoint(engine.evaluated(trainer).model, run.record, epoch,
+                                       valid_iou)
+    if trainer.average is not None:
+        state.update(trained_model_state=checkpoint.make_checkpoint(
+            trainer.model, run.record, epoch, valid_iou)["model_state"],
+            average_updates=trainer.average.updates)
     state.update(optimizer_state=trainer.optimizer.state_dict(), best_iou=progress.best_iou,
                  scaler_state=trainer.scaler.state_dict() if trainer.scaler is not None
                  else None, history=progress.rows,
@@ -484,7 +525,7 @@ def run(args):
     if args.encoder_weights == "imagenet" and not args.resume:
         model_lib.check_hub(args.encoder)  # offline: one line now, not after the data scan
     found, splits, split_file = load_splits(args, paths["data_report"])
-    if args.lr_drop_epoch >= args.epochs:
+    if args.schedule == "step" and args.lr_drop_epoch >= args.epochs:
         print(f"note: LR_DROP_EPOCH={args.lr_drop_epoch} is not before the last epoch "
               f"({args.epochs}): the learning rate stays {args.lr:g}")
     # what every checkpoint of the run records besides its weights (checkpoint.py)
@@ -498,7 +539,7 @@ def run(args):
     print(compute.line())
     if state is not None:
         check_same_split(state, record, paths["last"])
-    model, optimizer, scaler, progress = start_training(args, state, paths, compute)
+    model, optimizer, scaler, progress, average = start_training(args, state, paths, compute)
     if progress.start > args.epochs:
         print(f"nothing to do: the run already finished its {args.epochs} epochs "
               f"(best model: {paths['best']})")
@@ -506,10 +547,16 @@ def run(args):
     if main_process():
         warn_if_disk_low(paths["best"].parent, model)
     model = place_model(model, compute, args.sync_batchnorm)
+    if average is not None:  # each process keeps its own: the weights are the same in all
+        average.model.to(compute.device)
+        if compute.channels_last:
+            average.model.to(memory_format=torch.channels_last)
     run_ = Run(args, paths, record, engine.Trainer(
         model, model_lib.make_loss(args.loss), compute.device, optimizer, scaler, compute.mixed,
-        compute.channels_last, args.threshold), progress)
-    run_epochs(run_, make_loaders(splits, run_, compute.device))
+        compute.channels_last, args.threshold, average=average), progress)
+    loaders = make_loaders(splits, run_, compute.device)
+    run_.trainer.plan = lr_plan(args, len(loaders[0]))
+    run_epochs(run_, loaders)
     print(f"best valid IoU {progress.best_iou:.4f} (per image, at original size); model: "
           f"{paths['best']}; log: {paths['log']}; curves: {paths['curves']}")
     if found.corrected or found.skipped or progress.unread:
@@ -518,6 +565,16 @@ def run(args):
               + (f"; {progress.unread} image read(s) failed during training (see the "
                  f"warnings)" if progress.unread else ""))
     return 0
+
+
+def lr_plan(args, steps_per_epoch):
+    """The per-step learning rates (engine.LRPlan), or None for the paper's step drop without
+    warm-up, whose rate is set once an epoch."""
+    if args.schedule == "step" and not args.warmup_epochs:
+        return None
+    return engine.LRPlan(args.schedule, args.lr, args.epochs * steps_per_epoch,
+                         round(args.warmup_epochs * steps_per_epoch),
+                         args.lr_drop_epoch * steps_per_epoch, args.lr_after_drop)
 
 
 def place_model(model, compute, sync_batchnorm=False):
@@ -546,15 +603,18 @@ def run_epochs(run, loaders):
     try:
         for epoch in range(progress.start, args.epochs + 1):
             t0 = time.time()
-            lr = engine.lr_for_epoch(epoch, args.lr, args.lr_drop_epoch, args.lr_after_drop)
-            engine.set_lr(run.trainer.optimizer, lr)
+            if run.trainer.plan is None:  # else train_one_epoch sets it step by step
+                engine.set_lr(run.trainer.optimizer, engine.lr_for_epoch(
+                    epoch, args.lr, args.lr_drop_epoch, args.lr_after_drop))
             # dropout: each epoch's (and process's) draws depend on these alone
             torch.manual_seed(args.seed + epoch + 1_000_003 * rank())
             for loader in (train_loader, valid_loader):
                 loader.sampler.set_epoch(epoch)
             trained = train_one_epoch(run.trainer, train_loader, epoch, progress.iter_log,
                                       progress=not args.quiet)
-            valid = validate(run.trainer, valid_loader, threads=max(1, args.workers))
+            lr = run.trainer.optimizer.param_groups[0]["lr"]  # the epoch's last step's
+            valid = validate(engine.evaluated(run.trainer), valid_loader,
+                             threads=max(1, args.workers))
             check_epoch_finite(valid, run.trainer.model, epoch)
             record_epoch(run, epoch, lr, trained, valid, time.time() - t0)
             saved_epoch = epoch
@@ -600,7 +660,8 @@ def record_epoch(run, epoch, lr, trained, valid, seconds):
         return
     if improved:
         checkpoint.save_checkpoint(checkpoint.make_checkpoint(
-            run.trainer.model, run.record, epoch, valid["iou"]), paths["best"])
+            engine.evaluated(run.trainer).model, run.record, epoch, valid["iou"]),
+            paths["best"])
     checkpoint.save_checkpoint(resume_state(run, epoch, valid["iou"]), paths["last"])
     preprocess.write_csv(paths["log"], progress.rows, LOG_COLUMNS)
     plot_curves(progress.rows, progress.iter_log, paths["curves"], title(run.args))
