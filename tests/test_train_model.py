@@ -1,6 +1,7 @@
 """train_model.py on tiny generated data: schedule, checkpoints, resume, logs, determinism."""
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -267,27 +268,27 @@ def test_a_new_setting_is_its_constant_and_its_row_and_gets_its_flag_recipe_and_
     import importlib.util
 
     source = Path(train_model.__file__).read_text()
-    source = source.replace("SEED = 42\n", "WARMUP_EPOCHS = 0\nSEED = 42\n", 1)
-    source = source.replace('    Setting("SEED",', '    Setting("WARMUP_EPOCHS", "epochs of warm-up '
-                            'before the first LR", FIXED),\n    Setting("SEED",', 1)
+    source = source.replace("SEED = 42\n", "CROP_MARGIN = 0\nSEED = 42\n", 1)
+    source = source.replace('    Setting("SEED",', '    Setting("CROP_MARGIN", "pixels cut from '
+                            'each border", FIXED),\n    Setting("SEED",', 1)
     path = tmp_path / "train_model_plus.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("train_model_plus", path)
     plus = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plus)
-    assert plus.parse_args([]).warmup_epochs == 0
-    args = plus.parse_args(["--warmup-epochs", "3"])
-    assert args.warmup_epochs == 3 and "warmup_epochs" in args.given
+    assert plus.parse_args([]).crop_margin == 0
+    args = plus.parse_args(["--crop-margin", "3"])
+    assert args.crop_margin == 3 and "crop_margin" in args.given
     help_text = " ".join(plus.build_parser().format_help().split())
-    assert "--warmup-epochs WARMUP_EPOCHS epochs of warm-up before the first LR (default: 0)" \
+    assert "--crop-margin CROP_MARGIN pixels cut from each border (default: 0)" \
         in help_text
-    assert plus.run_settings(args)["warmup_epochs"] == 3
+    assert plus.run_settings(args)["crop_margin"] == 3
     torch.manual_seed(0)
-    state = record_of(torch.nn.Linear(1, 1), {"warmup_epochs": 0})
+    state = record_of(torch.nn.Linear(1, 1), {"crop_margin": 0})
     state.update(optimizer_state={}, best_iou=0.5, history=[], iter_log=[])
     last = tmp_path / "fpn_resnet18_last.pth"
     torch.save(state, last)
-    with pytest.raises(settings_lib.SettingError, match=r"WARMUP_EPOCHS=0, not 3"):
+    with pytest.raises(settings_lib.SettingError, match=r"CROP_MARGIN=0, not 3"):
         plus.load_resume_state(last, args)
 
 
@@ -437,3 +438,101 @@ def test_under_torchrun_the_silenced_console_is_closed_and_given_back(demo_data,
     with pytest.raises(SystemExit):
         train(tmp_path / "no_data", tmp_path / "Model", "--epochs", "1")
     assert sys.stdout is console and opened[0].closed
+
+
+# ----------------------------------------------------------------------------- training levers
+
+def test_learning_rate_plans_warm_up_then_follow_their_rule_step_by_step():
+    rates = [engine.lr_at_step(t, engine.LRPlan("cosine", 1e-3, 10, warmup=2))
+             for t in range(10)]
+    assert rates[:2] == pytest.approx([5e-4, 1e-3])  # linear, reaching LR at the last step
+    # then a half cosine over the 8 steps left: 1e-3 * (1 + cos(pi * k / 8)) / 2
+    assert rates[2:] == pytest.approx([1e-3 * (1 + math.cos(math.pi * k / 8)) / 2
+                                       for k in range(8)])
+    poly = engine.LRPlan("poly", 1e-2, 4)
+    assert [engine.lr_at_step(t, poly) for t in range(4)] == pytest.approx(
+        [1e-2, 1e-2 * 0.75 ** 0.9, 1e-2 * 0.5 ** 0.9, 1e-2 * 0.25 ** 0.9])
+    # the step rule without warm-up: the paper's epoch rule, at each epoch's steps
+    step = engine.LRPlan("step", 1e-4, 40 * 3, drop=25 * 3, lr_after=1e-5)
+    assert [engine.lr_at_step(t, step) for t in range(0, 120, 3)] == \
+        [engine.lr_for_epoch(e, 1e-4, 25, 1e-5) for e in range(1, 41)]
+    args = train_model.parse_args(["--epochs", "13", "--lr-drop-epoch", "10"])
+    assert train_model.lr_plan(args, 27) is None  # the paper's: set once an epoch, as before
+    args = train_model.parse_args(["--epochs", "13", "--schedule", "cosine",
+                                   "--warmup-epochs", "0.5"])
+    assert train_model.lr_plan(args, 27) == engine.LRPlan("cosine", 1e-4, 351, 14, 675, 1e-5)
+
+
+def test_the_weight_average_warms_up_its_decay_and_copies_integer_buffers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    average = engine.WeightAverage(model, decay=0.5)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model.train()(torch.randn(4, 3))  # batch-norm statistics and batch count move
+    average.update(model)  # the first update: decay min(0.5, 2/11)
+    d = 2 / 11
+    now = model.state_dict()
+    for key, mine in average.model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            assert mine.item() == now[key].item() == 1
+        else:
+            assert torch.allclose(mine, d * start[key] + (1 - d) * now[key]), key
+    average.update(model)  # the second: min(0.5, 3/12) = 0.25, towards the same weights
+    expected = 0.25 * (d * start["0.weight"] + (1 - d) * now["0.weight"]) + 0.75 * now["0.weight"]
+    assert torch.allclose(average.model[0].weight, expected)
+    assert average.updates == 2 and not average.model[0].weight.requires_grad
+    average.decay = 0.0
+    assert engine.evaluated(engine.Trainer(model, None, torch.device("cpu"),
+                                           average=average)).model is average.model
+
+
+LEVERS = {"cosine": ["--schedule", "cosine", "--warmup-epochs", "1", "--optimizer", "adamw",
+                     "--weight-decay", "0.05", "--ema-decay", "0.9", "--loss", "dice+bce"],
+          "poly": ["--schedule", "poly", "--optimizer", "sgd", "--lr", "1e-2",
+                   "--weight-decay", "3e-5", "--ema-decay", "0.9", "--loss", "lovasz"]}
+
+
+@pytest.mark.parametrize("lever", LEVERS)
+def test_resume_with_every_lever_on_ends_bit_for_bit_as_a_straight_run(demo_data, tmp_path,
+                                                                       monkeypatch, lever):
+    """Stopped in epoch 3 and resumed: the per-step rates, the weights, their average (the
+    run's model), the optimiser and the CSV as a straight run's; the CSV's best validation
+    is what --evaluate reports of the best checkpoint, the average."""
+    data, straight, resumed = fresh_data(demo_data, tmp_path), tmp_path / "a", tmp_path / "b"
+    flags = ["--epochs", "3", *LEVERS[lever]]
+    assert train(data, straight, *flags) == 0
+    interrupt_in_epoch(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        train(data, resumed, *flags)
+    monkeypatch.undo()
+    assert train(data, resumed, "--resume") == 0
+    a, b = read_log(straight), read_log(resumed)
+    for row in a + b:
+        del row["seconds"]
+    assert a == b and len(b) == 3
+    # the last epoch's rate: the plan's at the run's last step (4 steps an epoch)
+    plan = engine.LRPlan(lever, 1e-2 if lever == "poly" else 1e-4, 12, 4 if lever == "cosine"
+                         else 0)
+    assert float(b[-1]["lr"]) == pytest.approx(engine.lr_at_step(11, plan))
+    last_a = torch.load(straight / "fpn_resnet18_last.pth", weights_only=True)
+    last_b = torch.load(resumed / "fpn_resnet18_last.pth", weights_only=True)
+    for key in ("model_state", "trained_model_state"):
+        assert all(torch.equal(last_a[key][k], last_b[key][k]) for k in last_a[key]), key
+    assert last_a["average_updates"] == last_b["average_updates"] == 12
+    moments = "exp_avg" if lever == "cosine" else "momentum_buffer"
+    state_a, state_b = last_a["optimizer_state"]["state"], last_b["optimizer_state"]["state"]
+    assert all(torch.equal(state_a[i][moments], state_b[i][moments]) for i in state_a)
+    # the run's model is the average, not the weights trained last
+    assert not all(torch.equal(last_b["model_state"][k], last_b["trained_model_state"][k])
+                   for k in last_b["model_state"])
+    best = ckpt_lib.load_checkpoint(resumed / "fpn_resnet18.pth")
+    if best["epoch"] == 3:
+        assert all(torch.equal(best["model_state"][k], last_b["model_state"][k])
+                   for k in last_b["model_state"])
+    assert test_model.main(["--checkpoint", str(resumed / "fpn_resnet18.pth"), "--evaluate",
+                            "--split", "valid"]) == 0
+    summary = json.loads((resumed / "evaluation" / "fpn_resnet18" / "valid" / "summary.json")
+                         .read_text())
+    assert summary["iou"] == pytest.approx(float(b[best["epoch"] - 1]["valid_iou"]), abs=1e-4)
