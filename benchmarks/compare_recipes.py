@@ -18,6 +18,17 @@ The runs behind the tables (D: the data; one run at a time, one thread each):
     done
     python test_model.py --cross-validation runs/fpn --last   # and runs/unet
 
+The training levers (docs/results.md, "Training levers at equal time"): the FPN recipe's
+command above, into runs/NAME, with these flags added (a later flag wins), then scored the
+same way and compared with --reference runs/fpn:
+
+    combo   --schedule cosine --warmup-epochs 1 --lr 1e-3 --ema-decay 0.98 --loss dice+bce \
+            --optimizer adamw --weight-decay 1e-2
+    cosine  --schedule cosine --warmup-epochs 1 --lr 1e-3
+    ema     --ema-decay 0.98
+
+    python benchmarks/compare_recipes.py --reference runs/fpn runs/combo runs/cosine runs/ema --last
+
 The baseline is one of two:
 
 - --plain: a folder of `benchmarks/plain_loop.py --fold I --per-image DIR/plain_I.csv` runs
