@@ -91,6 +91,15 @@ def load_split(ckpt, data, split):
     return pairs
 
 
+def scored_folder(predictor, data, split):
+    """<split>, or <split>_<data folder name> for data other than the checkpoint's own: the
+    results of two datasets never share a folder."""
+    own = predictor.ckpt["settings"]["data"]
+    if data is None or (own and Path(data).resolve() == Path(own).resolve()):
+        return split
+    return f"{split}_{Path(data).resolve().name}"
+
+
 # ----------------------------------------------------------------------------- prediction
 
 def confidence_of(prob, size_hw, threshold):
@@ -104,6 +113,20 @@ def confidence_of(prob, size_hw, threshold):
                                                                interpolation=cv2.INTER_AREA)
     small = np.mean([at_size(p) for p in prob], 0) if isinstance(prob, tuple) else at_size(prob)
     return metrics.confidence(small, threshold)
+
+
+def calibrated_level(predictor, threshold):
+    """The confidence level stored by --calibrate, when it applies to this prediction: one
+    checkpoint, the same confidence and threshold it was measured with."""
+    stored = predictor.ckpt.get("confidence") or {}
+    if len(predictor.members) != 1 or stored.get("name") != metrics.CONFIDENCE \
+            or stored.get("level") is None:
+        return None
+    if abs(float(stored.get("threshold", threshold)) - threshold) > 1e-9:
+        print(f"note: the stored confidence level was calibrated at threshold "
+              f"{stored['threshold']:g}, not {threshold:g}: no review warning")
+        return None
+    return float(stored["level"])
 
 
 def image_prediction(predictor, image_path, exif=True, hw=None):

@@ -322,22 +322,39 @@ def failure_auroc(confidence, iou):
     return auroc(-np.asarray(confidence, np.float64), failed(iou))
 
 
+def resampled_failure_aurocs(confidence, iou, resamples=BOOTSTRAP_RESAMPLES,
+                             seed=BOOTSTRAP_SEED):
+    """failure_auroc of every bootstrap resample of the images at once (the resamples of
+    _resample_indices), nan where a resample lacks a failure or a success. Each resample
+    weighs each image by how often it was drawn: the AUROC is the weighted share of
+    (failure, success) pairs in which the failure is less confident, ties counting a half."""
+    confidence = np.asarray(confidence, np.float64)
+    fails = failed(iou)
+    n = confidence.size
+    idx = _resample_indices(n, resamples, seed)
+    drawn = np.zeros((resamples, n))
+    np.add.at(drawn, (np.arange(resamples)[:, None], idx), 1.0)
+    f, s = -confidence[fails], -confidence[~fails]
+    ahead = (f[:, None] > s[None, :]) + 0.5 * (f[:, None] == s[None, :])  # (failures, successes)
+    weight_f, weight_s = drawn[:, fails], drawn[:, ~fails]
+    pairs = weight_f.sum(1) * weight_s.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, ((weight_f @ ahead) * weight_s).sum(1) / pairs, np.nan)
+
+
 def failure_auroc_interval(confidence, iou, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED,
                            level=LEVEL):
     """{"auroc", "low", "high", "failures", "images"}; the interval resamples images, and a
     resample without a failure or without a success is drawn again in effect (left out)."""
-    confidence = np.asarray(confidence, np.float64)
     iou = np.asarray(iou, np.float64)
     value = failure_auroc(confidence, iou)
     out = {"auroc": value, "low": None, "high": None, "failures": int(failed(iou).sum()),
            "images": int(iou.size)}
     if value is None:
         return out
-    values = [failure_auroc(confidence[i], iou[i])
-              for i in _resample_indices(iou.size, resamples, seed)]
-    values = [v for v in values if v is not None]
+    values = resampled_failure_aurocs(confidence, iou, resamples, seed)
     tail = (1 - level) / 2
-    out["low"], out["high"] = (float(q) for q in np.quantile(values, [tail, 1 - tail]))
+    out["low"], out["high"] = (float(q) for q in np.nanquantile(values, [tail, 1 - tail]))
     return out
 
 
@@ -345,18 +362,13 @@ def paired_auroc(conf_a, conf_b, iou, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTST
                  level=LEVEL):
     """AUROC of confidence a minus that of b on the same images, with a paired interval (the
     same resampled images for both)."""
-    conf_a, conf_b = np.asarray(conf_a, np.float64), np.asarray(conf_b, np.float64)
-    iou = np.asarray(iou, np.float64)
     a, b = failure_auroc(conf_a, iou), failure_auroc(conf_b, iou)
     if a is None:
         return None
-    diffs = []
-    for i in _resample_indices(iou.size, resamples, seed):
-        da, db = failure_auroc(conf_a[i], iou[i]), failure_auroc(conf_b[i], iou[i])
-        if da is not None:
-            diffs.append(da - db)
+    diffs = resampled_failure_aurocs(conf_a, iou, resamples, seed) - \
+        resampled_failure_aurocs(conf_b, iou, resamples, seed)
     tail = (1 - level) / 2
-    low, high = np.quantile(diffs, [tail, 1 - tail])
+    low, high = np.nanquantile(diffs, [tail, 1 - tail])
     return {"mean": a - b, "low": float(low), "high": float(high)}
 
 

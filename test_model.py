@@ -134,15 +134,6 @@ def unique_names(paths):
     return names
 
 
-def scored_folder(predictor, data, split):
-    """<split>, or <split>_<data folder name> for data other than the checkpoint's own: the
-    results of two datasets never share a folder."""
-    own = predictor.ckpt["settings"]["data"]
-    if data is None or (own and Path(data).resolve() == Path(own).resolve()):
-        return split
-    return f"{split}_{Path(data).resolve().name}"
-
-
 # ----------------------------------------------------------------------------- one image
 
 def predict_files(predictor, items, out, threshold, postprocess=False):
@@ -153,7 +144,7 @@ def predict_files(predictor, items, out, threshold, postprocess=False):
     out.mkdir(parents=True, exist_ok=True)
     report_replaced(out, [f"{name}_{kind}.png" for _, _, name in items
                           for kind in ("segmentation", "overlay")])
-    done, level = 0, calibrated_level(predictor, threshold)
+    done, level = 0, evaluate.calibrated_level(predictor, threshold)
     for image_path, mask_path, name in items:
         try:
             truth, exif = None, True
@@ -180,8 +171,8 @@ def predict_files(predictor, items, out, threshold, postprocess=False):
             line = f"; IoU {s['iou']:.4f}, Dice {s['dice']:.4f}, HD95 {s['hd95']:.1f} px " \
                    f"against {mask_path}"
         report.save_overlay(image_path, prob, pred, truth, figure,
-                     f"{image_path.name}  ({predictor.name()}, threshold {threshold:g})",
-                     exif)
+                            f"{image_path.name}  ({predictor.name()}, threshold {threshold:g})",
+                            exif)
         print(f"{image_path} ({pred.shape[1]}x{pred.shape[0]}): mask {mask_file}, "
               f"overlay {figure}{line}; confidence {confidence:.3f}")
         if level is not None and confidence < level:
@@ -189,20 +180,6 @@ def predict_files(predictor, items, out, threshold, postprocess=False):
                   f"that set aside 90% of the failures on validation)")
         done += 1
     return done
-
-
-def calibrated_level(predictor, threshold):
-    """The confidence level stored by --calibrate, when it applies to this prediction: one
-    checkpoint, the same confidence and threshold it was measured with."""
-    stored = predictor.ckpt.get("confidence") or {}
-    if len(predictor.members) != 1 or stored.get("name") != metrics.CONFIDENCE \
-            or stored.get("level") is None:
-        return None
-    if abs(float(stored.get("threshold", threshold)) - threshold) > 1e-9:
-        print(f"note: the stored confidence level was calibrated at threshold "
-              f"{stored['threshold']:g}, not {threshold:g}: no review warning")
-        return None
-    return float(stored["level"])
 
 
 def read_truth_beside(mask_path):
@@ -328,7 +305,8 @@ def chosen_images(args, ckpt):
 def score_split(predictor, args, threshold, results):
     """--evaluate: every image of the split, scored into its folder of `results`."""
     ckpt, split = predictor.ckpt, args.split or args.evaluate_split
-    out = Path(args.out) if args.out else results / scored_folder(predictor, args.data, split)
+    out = Path(args.out) if args.out else \
+        results / evaluate.scored_folder(predictor, args.data, split)
     pairs = load_split(ckpt, args.data, split)
     print(f"scoring the {split} split of {data_dir_of(ckpt, args.data)}: "
           f"{load_dataset.pairs_word(len(pairs))}, into {out}")
@@ -378,7 +356,7 @@ def analyse(predictor, args, threshold, folder):
     post-processing at the threshold in use: the choices nnU-Net makes on validation data."""
     split = args.split or args.analysis_split
     out = folder if args.out else \
-        folder / f"threshold_{scored_folder(predictor, args.data, split)}"
+        folder / f"threshold_{evaluate.scored_folder(predictor, args.data, split)}"
     pairs = load_split(predictor.ckpt, args.data, split)
     scoring = Scoring(split, str(data_dir_of(predictor.ckpt, args.data)), args.batch_size,
                       args.workers, args.postprocess)

@@ -313,3 +313,14 @@ def test_score_at_original_brings_the_map_to_the_masks_size_before_the_cut():
     truth = box((4, 6), slice(None), slice(0, 3))
     pred, scores = metrics.score_at_original(prob, truth, 0.5)
     assert pred.shape == (4, 6) and scores["iou"] == 1.0 and scores["hd95"] == 0.0
+
+
+def test_resampled_aurocs_equal_the_auroc_of_each_resample():
+    rng = np.random.default_rng(1)
+    confidence = np.round(rng.random(25), 1)  # ties, counted a half
+    iou = np.clip(0.8 * confidence + rng.normal(0, 0.2, 25), 0, 1)
+    each = [metrics.failure_auroc(confidence[i], iou[i])
+            for i in metrics._resample_indices(25, 300, 0)]
+    together = metrics.resampled_failure_aurocs(confidence, iou, 300, 0)
+    assert np.allclose([np.nan if v is None else v for v in each], together, equal_nan=True)
+    assert np.isnan(together).sum() == sum(v is None for v in each)
