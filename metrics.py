@@ -178,7 +178,7 @@ REGISTRY = [
            about=f"normalised surface distance: outline share within {NSD_TOLERANCE:g} px"),
 ]
 ISIC_NAMES = ("iou", "dice", "threshold_jaccard", "sensitivity", "specificity", "accuracy")
-SCORE_NAMES = ISIC_NAMES  # the count scores of scores() and mean_scores()
+SCORE_NAMES = ISIC_NAMES  # the six ISIC scores (scores() also gives any count metric added)
 
 
 def names(logged=None, interval=None):
