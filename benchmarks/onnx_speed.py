@@ -36,13 +36,10 @@ import preprocess  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
-# train_model.py's default run: the network timed unless --checkpoint names one (the same
-# names and values as train_model.py's constants; test_model.py's MIXED_PRECISION and
-# CHANNELS_LAST, which --pytorch default runs in, are the same as train_model.py's)
-ENCODER = "se_resnext50_32x4d"
-IMAGE_SIZE = (320, 320)  # (height, width)
-MIXED_PRECISION = True
-CHANNELS_LAST = True
+# train_model.py's default run (pipeline.TRAIN, from `train_model.py --print-settings`) is
+# the network timed unless --checkpoint names one; test_model.py's MIXED_PRECISION and
+# CHANNELS_LAST, which --pytorch default runs in, are the same as train_model.py's
+TRAIN = pipeline.TRAIN
 
 SIZES = [(1024, 768), (2048, 1536), (3008, 2000), (4000, 3000)]  # (width, height) JPEGs
 ROUNDS = 5  # each round times every image once with each runtime
@@ -120,8 +117,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", nargs="+", default=None,
                    help="checkpoint(s) to export and time; default: an untrained --encoder")
-    p.add_argument("--encoder", default=ENCODER)
-    p.add_argument("--image-size", type=int, nargs=2, default=IMAGE_SIZE,
+    p.add_argument("--encoder", default=TRAIN.ENCODER)
+    p.add_argument("--image-size", type=int, nargs=2, default=TRAIN.IMAGE_SIZE,
                    metavar=("H", "W"))
     p.add_argument("--tta", default="none", choices=predict.TTA_MODES,
                    help="test-time views (export_model.py says which the graph can hold)")
@@ -149,7 +146,7 @@ def pytorch_compute(choice):
     test_model.py's default precision on this CPU."""
     cpu = torch.device("cpu")
     if choice == "default":
-        return device_lib.Compute(cpu, MIXED_PRECISION, CHANNELS_LAST)
+        return device_lib.Compute(cpu, TRAIN.MIXED_PRECISION, TRAIN.CHANNELS_LAST)
     return device_lib.Compute(cpu)
 
 
