@@ -307,8 +307,6 @@ def checkpoint_fields(path, keys):
     format or of a version this code cannot read."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            return {}
         ckpt = migrate(ckpt, path)
     except Exception:  # an unreadable file is reported where it is loaded for real
         return {}
