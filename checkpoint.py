@@ -16,10 +16,11 @@ A resume state (`<run>_last.pth`) adds optimizer_state, scaler_state, best_iou, 
 iter_log, unread and processes.
 
 Every file the project has written since version 2 stays readable: `load_checkpoint` (and
-`checkpoint_fields`) pass it through `migrate`, one step per later version (MIGRATIONS), and a
+`checkpoint_fields`) pass it through `migrate`, one step per later version (MIGRATIONS). A
 setting that a record predates takes the value that record stands for, the `older` of its
-row in train_model.py's SETTINGS (`with_older_settings`), named once on the console. A
-version newer than the code is refused with its number and the advice to update.
+row in train_model.py's SETTINGS, named once on the console: inference reads each setting
+through `setting`, a resume fills them all (`with_older_settings`). A version newer than the
+code is refused with its number and the advice to update.
 """
 import hashlib
 import math
