@@ -63,7 +63,7 @@ def decoded_images(folder):
 
 
 def pytorch_mask(members, image, tta, threshold, compute):
-    """The 0/255 mask test_model.py writes (test_model.finish_mask, to_png_mask)."""
+    """The 0/255 mask test_model.py writes (metrics.predicted_mask, evaluate.to_png_mask)."""
     prob = predict.decoded_probability(members, image, compute, tta)
     return np.where(preprocess.binarise(prob, threshold), 255, 0).astype(np.uint8)
 
