@@ -16,7 +16,6 @@ quantisation, calibrated on the run's own training images), and its measured dif
 from the float32 graph. Edit the constants below, or pass the matching flag.
 """
 import argparse
-import hashlib
 import json
 import sys
 import warnings
@@ -45,6 +44,7 @@ OPSET = 20                         # antialiased Resize needs 18; onnxruntime >=
 CHECK_SIZE = (200, 300)            # (height, width), unlike any network size
 INT8 = False                       # also write <out>_int8.onnx
 CALIBRATION_IMAGES = 32            # training images the int8 ranges are measured on
+INT8_MAX_IOU_LOSS = 0.005          # an int8 file losing more mean IoU is not kept
 
 SETTINGS = [  # every one is a flag (settings.py)
     Setting("MODEL_DIR", "where the default checkpoint (the newest best model) is looked for"),
@@ -61,6 +61,8 @@ SETTINGS = [  # every one is a flag (settings.py)
     Setting("INT8", "also write <out>_int8.onnx, quantised to int8 (docs/deployment.md)"),
     Setting("CALIBRATION_IMAGES", "training images of the (first) run the int8 ranges are "
             "calibrated on"),
+    Setting("INT8_MAX_IOU_LOSS", "the int8 file is removed again where it loses more mean IoU "
+            "than this on the run's validation split"),
 ]
 # ---------------------------------------------------------------------------------------
 
@@ -94,22 +96,6 @@ def trace(module, opset=OPSET):
     return proto
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def member_record(ckpt, path):
-    """A checkpoint without its weights, as the ONNX file keeps it (predict.OnnxPredictor
-    reads it as it reads a checkpoint), with the source file's name and SHA-256."""
-    return {"file": Path(path).name, "sha256": sha256(path), "settings": ckpt["settings"],
-            "epoch": ckpt.get("epoch"), "valid_iou": ckpt.get("valid_iou"),
-            "split_file": ckpt.get("split_file")}
-
-
 def build(members, tta="none", threshold=None, opset=OPSET):
     """ONNX ModelProto of the whole way from image to mask for [(model, ckpt, path)], on the
     CPU in float32 whatever inference here runs in."""
@@ -124,7 +110,7 @@ def build(members, tta="none", threshold=None, opset=OPSET):
             for net, c, p in members]
     module = predict.Predictor(nets, cpu, tta).module
     proto = trace(ImageToMask(module, threshold), opset)
-    records = [member_record(ckpt, path) for _, ckpt, path in members]
+    records = [onnx_format.member_record(ckpt, path) for _, ckpt, path in members]
     onnx_format.set_metadata(proto, onnx_format.metadata(records, tta, threshold, opset))
     return proto
 
@@ -139,9 +125,6 @@ def training_images(ckpt, count):
                          f"int8 on")
     picked = np.linspace(0, len(pairs) - 1, min(count, len(pairs))).astype(int)
     return [preprocess.read_image(pairs[i].image, exif=pairs[i].exif) for i in picked]
-
-
-INT8_MAX_IOU_LOSS = 0.005  # an int8 file that loses more mean IoU than this is not kept
 
 
 def int8_check(float_path, int8_path, pairs):
@@ -166,9 +149,9 @@ def int8_check(float_path, int8_path, pairs):
             - mean[1]["threshold_jaccard"]}
 
 
-def write_int8(float_path, ckpt, count):
+def write_int8(float_path, ckpt, count, max_loss):
     """<float file>_int8.onnx, calibrated on the run's training images and checked on its
-    validation split; removed again if it loses more than INT8_MAX_IOU_LOSS of mean IoU."""
+    validation split; removed again if it loses more than `max_loss` of mean IoU."""
     import onnx
     out = float_path.with_name(float_path.stem + "_int8.onnx")
     onnx_format.quantise(float_path, out, training_images(ckpt, count))
@@ -179,11 +162,12 @@ def write_int8(float_path, ckpt, count):
     onnx.save_model(proto, str(out))
     print(f"int8: {check['images']} validation images: {check['mask_pixels_differing']:.3%} of "
           f"mask pixels differ from float32; IoU {check['iou_float32']:.4f} -> "
-          f"{check['iou_int8']:.4f}, thresholded Jaccard loss {check['threshold_jaccard_loss']:+.4f}")
-    if check["iou_loss"] > INT8_MAX_IOU_LOSS:
+          f"{check['iou_int8']:.4f}, thresholded Jaccard loss "
+          f"{check['threshold_jaccard_loss']:+.4f}")
+    if check["iou_loss"] > max_loss:
         out.unlink()
         raise UsageError(f"the int8 graph loses {check['iou_loss']:.4f} of mean IoU (more than "
-                         f"{INT8_MAX_IOU_LOSS}): not written; use the float32 file")
+                         f"{max_loss}): not written; use the float32 file")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return out
 
@@ -238,7 +222,7 @@ def export(args):
           f"vs PyTorch on a {args.check_size[1]}x{args.check_size[0]} image: largest "
           f"probability difference {diff:.1e}; use it: python test_model.py --checkpoint {out}")
     if args.int8:
-        write_int8(out, predictor.ckpt, args.calibration_images)
+        write_int8(out, predictor.ckpt, args.calibration_images, args.int8_max_iou_loss)
     return out
 
 

@@ -22,6 +22,7 @@ this version one step at a time (MIGRATIONS), as checkpoints are. The graph of a
 runs as it was written.
 """
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -67,6 +68,22 @@ def metadata(records, tta, threshold, opset, precision="float32"):
         "outputs": "probability: float32 (height, width); mask: uint8 (height, width) 0/255",
         "resize": RESIZE_ANTIALIAS, "precision": precision,
     }
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def member_record(ckpt, path):
+    """A checkpoint without its weights, as the ONNX file keeps it (predict.OnnxPredictor
+    reads it as it reads a checkpoint), with the source file's name and SHA-256."""
+    return {"file": Path(path).name, "sha256": sha256(path), "settings": ckpt["settings"],
+            "epoch": ckpt.get("epoch"), "valid_iou": ckpt.get("valid_iou"),
+            "split_file": ckpt.get("split_file")}
 
 
 def views_of(tta):
@@ -197,19 +214,35 @@ def session(path, threads=1):
 
 # ----------------------------------------------------------------------------- int8
 
+# quantised where onnxruntime fuses them into integer kernels; Resize (a Q/DQ pair around a
+# linear Resize has given wrong results in onnxruntime) and Sigmoid stay float
+INT8_OPS = ["Conv", "Relu", "Add", "Mul", "MaxPool", "GlobalAveragePool", "Concat"]
+
+
 def float_nodes(proto_path):
-    """The first and the last convolution of a graph, kept in float: the image's first
-    features and the logits are where int8 steps cost accuracy most."""
+    """The nodes kept in float beyond the op types: everything up to and including the first
+    convolution (the resize to the network size, the normalisation, the image's first
+    features) and from the last convolution on (the logits, the sigmoid, the means, the
+    resize back, the threshold), where int8 steps would cost accuracy most; and the readers
+    of each linear Resize (a decoder's upsampling), so that no Q/DQ pair wraps one."""
     import onnx
-    convs = [n.name for n in onnx.load(str(proto_path)).graph.node if n.op_type == "Conv"]
-    return convs[:1] + convs[-1:]
+    nodes = onnx.load(str(proto_path)).graph.node
+    convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    linear = {n.output[0] for n in nodes if n.op_type == "Resize" and any(
+        a.name == "mode" and a.s == b"linear" for a in n.attribute)}
+    return [n.name for i, n in enumerate(nodes)
+            if i <= convs[0] or i >= convs[-1] or linear & set(n.input)]
 
 
 def quantise(float_path, out, images):
-    """Static QDQ int8 (signed activations and weights, per-channel weights) of the Conv
-    nodes of an exported file after onnxruntime's quant_pre_process, calibrated (min/max) on
-    `images`, uint8 (H, W, 3) each. The Resize nodes, the normalisation, the sigmoid and the
-    means stay float32, as onnxruntime's documentation advises."""
+    """Static QDQ quantisation (per-channel int8 weights, uint8 activations) of the network
+    inside an exported file, after onnxruntime's quant_pre_process, calibrated (min/max) on
+    `images`, uint8 (H, W, 3) each. The steps outside the network, the Resize nodes and the
+    sigmoid stay float32, as onnxruntime's documentation advises. Signed activations (S8S8,
+    the documentation's first choice) were tried first: onnxruntime 1.32 left most 1x1
+    convolutions of se_resnext50_32x4d unfused, in float, and the graph ran no faster than
+    float32 (450 against 430 ms); with uint8 activations (U8S8) it took 158 ms
+    (docs/deployment.md)."""
     from onnxruntime import quantization as q
 
     class Images(q.CalibrationDataReader):
@@ -222,8 +255,8 @@ def quantise(float_path, out, images):
     q.quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
     try:
         q.quantize_static(str(prepared), str(out), Images(), quant_format=q.QuantFormat.QDQ,
-                          per_channel=True, activation_type=q.QuantType.QInt8,
-                          weight_type=q.QuantType.QInt8, op_types_to_quantize=["Conv"],
+                          per_channel=True, activation_type=q.QuantType.QUInt8,
+                          weight_type=q.QuantType.QInt8, op_types_to_quantize=INT8_OPS,
                           nodes_to_exclude=float_nodes(prepared))
     finally:
         prepared.unlink(missing_ok=True)

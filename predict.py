@@ -10,7 +10,7 @@ import torch
 
 import onnx_format
 import preprocess
-from checkpoint import (CheckpointError, best_models, checkpoint_fields, input_settings,
+from checkpoint import (best_models, checkpoint_fields, input_settings,
                         is_resume_state, load_checkpoint, model_from_checkpoint)
 from device import autocast, to_device
 from settings import SettingError

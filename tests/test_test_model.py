@@ -531,8 +531,10 @@ def test_an_ensemble_of_one_checkpoint_listed_twice_equals_that_checkpoint(ckpt,
 
 def test_an_ensemble_of_two_image_sizes_averages_each_models_map_at_original_size(ckpt, demo,
                                                                                  tmp_path):
-    """--evaluate's batches give each image the map --image gives it: the mean of the members'
-    maps, each resized from its own network size straight to the image's size."""
+    """--evaluate's batches and --image both give each image the mean of the members' maps,
+    each resized from its own network size straight to the image's size (the batches from
+    the loader's images, which training's OpenCV resize shrank; --image through the members'
+    own ImageProbability, docs/deployment.md)."""
     root, split_file, splits = demo
     pairs = splits["test"]
     big = write_checkpoint(tmp_path / "big.pth", root, split_file, True,
@@ -544,10 +546,13 @@ def test_an_ensemble_of_two_image_sizes_averages_each_models_map_at_original_siz
     for pair, got, hw in zip(pairs, maps, hws):
         members = [predict.predict(m, c, pair.image, CPU) for m, c, _ in ensemble.members]
         expected = np.mean(members, axis=0)
+        np.testing.assert_allclose(ensemble.image(pair.image), expected, atol=1e-5)
+        loaded = [predict.predict_batch(m, preprocess.eval_input(
+            pair.image, ckpt_lib.input_settings(c))[0], CPU)[0] for m, c, _ in ensemble.members]
         got = preprocess.prob_to_original(got, hw)  # as the scoring threads resize it
         assert got.shape == expected.shape == hw
-        np.testing.assert_allclose(got, expected, atol=1e-5)
-        np.testing.assert_allclose(ensemble.image(pair.image), expected, atol=1e-5)
+        np.testing.assert_allclose(got, np.mean([preprocess.prob_to_original(m, hw)
+                                                 for m in loaded], axis=0), atol=1e-5)
         # the big model's map squeezed through 64x64 on its way differs: not a vacuous check
         through_small = preprocess.prob_to_original(
             preprocess.prob_to_original(members[1], NET_SIZE), hw)
