@@ -76,7 +76,8 @@ class ImageToMask(torch.nn.Module):
 
     def forward(self, image):
         prob = self.probability(image)
-        return prob, torch.where(prob >= self.threshold, 255, 0).to(torch.uint8)
+        # a cast and a uint8 product: torch.where(..., 255, 0) would be int64 at full size
+        return prob, (prob >= self.threshold).to(torch.uint8) * 255
 
 
 def trace(module, opset=OPSET):

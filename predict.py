@@ -230,7 +230,8 @@ class ImageProbability(torch.nn.Module):
             # members of one input size: their mean commutes with the linear resize back
             probs = [self.network_probability(i, self.normalised(i, pixels)) for i in group]
             mean = sum(probs) / len(probs) if len(probs) > 1 else probs[0]
-            part = resize_back(mean[:, None], out_hw)[0, 0]
+            # squeezed, not indexed: an index is a copy of the full-size map in ONNX
+            part = resize_back(mean[:, None], out_hw).squeeze(1).squeeze(0)
             part = part * (len(group) / len(self.nets)) if len(group) < len(self.nets) else part
             total = part if total is None else total + part
         return total
