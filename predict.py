@@ -56,7 +56,7 @@ def tta_probabilities(model, images, device, tta="none", mixed=False, channels_l
     back to place (ImageProbability.network_probability)."""
     module = ImageProbability([model.eval()], [tuple(images.shape[-2:])], tta, channels_last)
     with autocast(device, mixed):
-        return module.network_probability(0, to_device(images, device))
+        return module.network_probability(0, to_device(images, device, False))
 
 
 def load_model(path, compute):
