@@ -132,11 +132,12 @@ def _stop_if_not_finite(loss_value, epoch, step):
 
 @torch.inference_mode()
 def validate(trainer, loader, threads=2):
-    """Mean loss (at network size) and per-image mean scores at each image's original size.
+    """Mean loss (at network size) and the per-image means, at each image's original size, of
+    the metrics the registry logs (metrics.names(logged=True)).
 
-    Each probability map is resized to its true mask's size and cut at the threshold exactly
-    as test_model.py --evaluate does, so the CSV, the choice of the best checkpoint and the
-    evaluation report the same numbers. The true masks come with the batches (packed bits,
+    Each probability map is resized to its true mask's size and cut at the threshold by
+    metrics.score_at_original, as test_model.py --evaluate scores it, so the CSV, the choice
+    of the best checkpoint and the evaluation report the same numbers. The true masks come with the batches (packed bits,
     from the cache): no original is decoded per epoch or held beyond its batch."""
     trainer.model.eval()
     losses = []
@@ -153,12 +154,14 @@ def validate(trainer, loader, threads=2):
                 yield prob, bits, hw
 
     def score(prob, bits, hw):  # in the scoring threads, beside the model
-        return metrics.confusion_at_original(prob, preprocess.unpack_truth(bits, hw),
-                                             trainer.threshold)
+        return metrics.score_at_original(prob, preprocess.unpack_truth(bits, hw),
+                                         trainer.threshold, only=logged)[1]
 
-    # each process scores its share of the images; every image is counted once, everywhere
-    counts = gather(preprocess.ordered_map(score, per_image(), threads))
-    result = metrics.mean_scores(counts)
+    # the registry's logged metrics; each process scores its share of the images, and every
+    # image is counted once, everywhere
+    logged = metrics.names(logged=True)
+    scored = gather(preprocess.ordered_map(score, per_image(), threads))
+    result = metrics.means(scored, logged)
     total, seen = sum_over_processes(sum(loss * n for loss, n in losses),
                                      sum(n for _, n in losses))
     result["loss"] = total / seen if seen else float("nan")

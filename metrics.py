@@ -1,16 +1,29 @@
-"""Per-image segmentation scores, defined as the official ISIC scorer defines them.
+"""The per-image metrics of the project, in one registry, and the statistics over images.
 
-Every score is computed per image from its confusion counts, then averaged over images,
-so a split's score never depends on the batch size. Where a denominator is zero the score
-is 1.0 (both masks empty is a perfect answer), as `isic-challenge-scoring` computes it.
+Every metric is computed per image at the image's original size, then averaged over images,
+so a split's score never depends on the batch size. `REGISTRY` holds one `Metric` per score:
+how it is computed (from the four confusion counts, or from the predicted and true masks),
+whether its mean gets a bootstrap interval, which direction is better, and whether training
+writes it to the per-epoch CSV. Validation during training, test_model.py's per_image.csv,
+summary.json, report.html and --cross-validation all read it: a metric added here appears in
+all of them.
+
+The six ISIC scores are defined as the official scorer (`isic-challenge-scoring`) defines
+them: where a denominator is zero the score is 1.0 (both masks empty is a perfect answer).
 """
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import cv2
 import numpy as np
 import torch
 
 import preprocess
 
 JACCARD_THRESHOLD = 0.65  # ISIC 2018 Task 1: an image's IoU below this counts as 0
-SCORE_NAMES = ("iou", "dice", "threshold_jaccard", "sensitivity", "specificity", "accuracy")
+NSD_TOLERANCE = 5.0       # px at the original size: boundary within it counts as matched (nsd)
+HD_PERCENTILE = 95        # hd95: this percentile of the boundary distances
 
 
 def confusion(pred, truth):
@@ -24,14 +37,6 @@ def confusion(pred, truth):
     fn = int(np.count_nonzero(truth)) - tp
     tn = pred.size - tp - fp - fn
     return tp, fp, fn, tn
-
-
-def confusion_at_original(prob, truth, threshold=0.5):
-    """(tp, fp, fn, tn) of a probability map at network size against a true mask at its own
-    size: the map is resized to the mask's size (bilinear), then cut at prob >= threshold.
-    Validation during training and test_model.py --evaluate both score this way."""
-    return confusion(preprocess.binarise(preprocess.prob_to_original(prob, truth.shape),
-                                         threshold), truth)
 
 
 def batch_confusion(prob, truth, threshold=0.5):
@@ -51,27 +56,189 @@ def _ratio(num, den):
     return num / den if den else 1.0
 
 
+def _iou(tp, fp, fn, tn):
+    return _ratio(tp, tp + fp + fn)
+
+
+def _threshold_jaccard(tp, fp, fn, tn):
+    iou = _iou(tp, fp, fn, tn)
+    return iou if iou >= JACCARD_THRESHOLD else 0.0
+
+
+# ----------------------------------------------------------------------------- boundaries
+
+CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+
+
+def _boundary(mask):
+    """Boundary pixels of a bool mask: lesion pixels with a 4-neighbour that is background or
+    lies beyond the array's edge."""
+    m = mask.astype(np.uint8)
+    return (m - cv2.erode(m, CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0)) > 0
+
+
+def _box(mask):
+    """(row slice, column slice) of a bool mask's lesion with a 1-pixel margin (inside the
+    array): its boundary pixels, as _boundary finds them there, are those of the whole mask."""
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
+    rows, cols = mask.shape
+    return slice(max(y - 1, 0), min(y + h + 1, rows)), slice(max(x - 1, 0), min(x + w + 1, cols))
+
+
+def boundary_points(mask):
+    """(n, 2) float64 (row, column) of the boundary pixels of a bool mask that holds lesion."""
+    box = _box(mask)
+    rows, cols = np.nonzero(_boundary(mask[box]))
+    return np.stack([rows + box[0].start, cols + box[1].start], 1).astype(np.float64)
+
+
+class MaskPair:
+    """The predicted and true masks of one image, what a mask metric reads; the boundary
+    distances are computed once for every metric that asks.
+
+    Boundaries are found in each mask's bounding box only, and the nearest boundary pixel by
+    a k-d tree over the other mask's boundary pixels (exact Euclidean distances), so the cost
+    follows the lesions' outlines more than the image's size (docs/evaluation.md)."""
+
+    def __init__(self, pred, truth):
+        self.pred, self.truth = np.asarray(pred, bool), np.asarray(truth, bool)
+        self._distances = None
+
+    def empty(self):
+        """(predicted mask empty, true mask empty)"""
+        return not self.pred.any(), not self.truth.any()
+
+    def diagonal(self):
+        """The image's diagonal (px): longer than any distance inside the image."""
+        return math.hypot(*self.truth.shape)
+
+    def distances(self):
+        """(distance of each predicted boundary pixel to the true boundary, of each true
+        boundary pixel to the predicted boundary), in px; both masks must hold lesion."""
+        if self._distances is None:
+            from scipy.spatial import cKDTree  # scipy comes with albumentations
+
+            pred, true = boundary_points(self.pred), boundary_points(self.truth)
+            self._distances = (cKDTree(true).query(pred)[0], cKDTree(pred).query(true)[0])
+        return self._distances
+
+
+def hd95(pair):
+    """95th-percentile Hausdorff distance (px, at the mask's size): the larger of the 95th
+    percentiles (numpy's linear interpolation) of the two directed boundary distances. Both
+    masks empty: 0; one empty: the image's diagonal (a worse value than any real one)."""
+    pred_empty, true_empty = pair.empty()
+    if pred_empty or true_empty:
+        return 0.0 if pred_empty and true_empty else pair.diagonal()
+    return float(max(np.percentile(d, HD_PERCENTILE) for d in pair.distances()))
+
+
+def nsd(pair, tolerance=None):
+    """Normalised surface distance at NSD_TOLERANCE px: the share of the boundary pixels of
+    both masks that lie within the tolerance of the other mask's boundary. 1: the outlines
+    agree within the tolerance; both masks empty: 1; one empty: 0."""
+    tolerance = NSD_TOLERANCE if tolerance is None else tolerance
+    pred_empty, true_empty = pair.empty()
+    if pred_empty or true_empty:
+        return 1.0 if pred_empty and true_empty else 0.0
+    to_truth, to_pred = pair.distances()
+    close = np.count_nonzero(to_truth <= tolerance) + np.count_nonzero(to_pred <= tolerance)
+    return float(close / (to_truth.size + to_pred.size))
+
+
+# ----------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Metric:
+    """One per-image metric. source "counts": compute(tp, fp, fn, tn); source "masks":
+    compute(MaskPair). interval: its mean gets a bootstrap interval (summary.json, report);
+    logged: training scores it every epoch, as the CSV column valid_<name>."""
+    name: str
+    compute: Callable
+    source: str = "counts"
+    interval: bool = False
+    higher_is_better: bool = True
+    logged: bool = False
+    about: str = ""
+
+
+REGISTRY = [
+    Metric("iou", _iou, interval=True, logged=True, about="Jaccard |P∩T| / |P∪T|"),
+    Metric("dice", lambda tp, fp, fn, tn: _ratio(2 * tp, 2 * tp + fp + fn), interval=True,
+           logged=True, about="2|P∩T| / (|P| + |T|)"),
+    Metric("threshold_jaccard", _threshold_jaccard, interval=True, logged=True,
+           about=f"the ISIC 2018 ranking metric: IoU, or 0 below {JACCARD_THRESHOLD:g}"),
+    Metric("sensitivity", lambda tp, fp, fn, tn: _ratio(tp, tp + fn), about="TP / (TP + FN)"),
+    Metric("specificity", lambda tp, fp, fn, tn: _ratio(tn, tn + fp), about="TN / (TN + FP)"),
+    Metric("accuracy", lambda tp, fp, fn, tn: _ratio(tp + tn, tp + fp + fn + tn),
+           about="(TP + TN) / all pixels"),
+    Metric("hd95", hd95, source="masks", interval=True, higher_is_better=False,
+           about="95th-percentile Hausdorff distance of the outlines, px at original size"),
+    Metric("nsd", nsd, source="masks", interval=True,
+           about=f"normalised surface distance: outline share within {NSD_TOLERANCE:g} px"),
+]
+ISIC_NAMES = ("iou", "dice", "threshold_jaccard", "sensitivity", "specificity", "accuracy")
+SCORE_NAMES = ISIC_NAMES  # the six ISIC scores (scores() also gives any count metric added)
+
+
+def names(logged=None, interval=None):
+    """The registry's metric names, in order; `logged`/`interval` pick those with that flag."""
+    return [m.name for m in REGISTRY if (logged is None or m.logged == logged)
+            and (interval is None or m.interval == interval)]
+
+
+def image_scores(pred, truth, only=None):
+    """{name: value} of one image's predicted and true bool masks, for every metric of the
+    registry (or those named in `only`)."""
+    chosen = [m for m in REGISTRY if only is None or m.name in only]
+    counts = confusion(pred, truth) if any(m.source == "counts" for m in chosen) else None
+    pair = MaskPair(pred, truth)
+    return {m.name: float(m.compute(*counts) if m.source == "counts" else m.compute(pair))
+            for m in chosen}
+
+
+def predicted_mask(prob, hw, threshold=0.5, postprocess=False):
+    """The lesion mask (bool) at (h, w) of a probability map (network size, a tuple of an
+    ensemble's maps, or already at (h, w)): resized (bilinear), cut at prob >= threshold,
+    and with `postprocess` the largest region kept with its holes filled."""
+    pred = preprocess.binarise(preprocess.prob_to_original(prob, hw), threshold)
+    return preprocess.largest_region_filled(pred) if postprocess else pred
+
+
+def score_at_original(prob, truth, threshold=0.5, postprocess=False, only=None):
+    """(predicted mask, {name: value}) of a probability map against a true mask at its own
+    size. Validation during training, --evaluate, --cross-validation and
+    --threshold-analysis all score an image through here."""
+    pred = predicted_mask(prob, truth.shape, threshold, postprocess)
+    return pred, image_scores(pred, truth, only)
+
+
+def confusion_at_original(prob, truth, threshold=0.5):
+    """(tp, fp, fn, tn) of a probability map at network size against a true mask at its own
+    size, as score_at_original cuts it."""
+    return confusion(predicted_mask(prob, truth.shape, threshold), truth)
+
+
 def scores(tp, fp, fn, tn):
-    """The scores of one image from its confusion counts."""
-    iou = _ratio(tp, tp + fp + fn)
-    return {
-        "iou": iou,
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn),
-        "threshold_jaccard": iou if iou >= JACCARD_THRESHOLD else 0.0,
-        "sensitivity": _ratio(tp, tp + fn),
-        "specificity": _ratio(tn, tn + fp),
-        "accuracy": _ratio(tp + tn, tp + fp + fn + tn),
-    }
+    """The count scores (the six ISIC ones, and any registry metric from the counts)."""
+    return {m.name: m.compute(tp, fp, fn, tn) for m in REGISTRY if m.source == "counts"}
 
 
 def mean_scores(counts):
-    """Mean of each score over images, from an iterable of (tp, fp, fn, tn)."""
-    per_image = [scores(*map(int, c)) for c in counts]
-    if not per_image:
-        return {name: float("nan") for name in SCORE_NAMES} | {"images": 0}
-    means = {name: float(np.mean([s[name] for s in per_image])) for name in SCORE_NAMES}
-    means["images"] = len(per_image)
-    return means
+    """Mean of each count score over images, from an iterable of (tp, fp, fn, tn)."""
+    return means([scores(*map(int, c)) for c in counts],
+                 [m.name for m in REGISTRY if m.source == "counts"])
+
+
+def means(rows, only=None):
+    """{name: mean over rows, "images": how many} of per-image score dicts (every name the
+    first row holds, or those in `only`); nan for no rows."""
+    rows = list(rows)
+    keys = only or (list(rows[0]) if rows else names())
+    out = {k: float(np.mean([float(r[k]) for r in rows])) if rows else float("nan")
+           for k in keys}
+    out["images"] = len(rows)
+    return out
 
 
 # ----------------------------------------------------------------------------- intervals
@@ -155,22 +322,39 @@ def failure_auroc(confidence, iou):
     return auroc(-np.asarray(confidence, np.float64), failed(iou))
 
 
+def resampled_failure_aurocs(confidence, iou, resamples=BOOTSTRAP_RESAMPLES,
+                             seed=BOOTSTRAP_SEED):
+    """failure_auroc of every bootstrap resample of the images at once (the resamples of
+    _resample_indices), nan where a resample lacks a failure or a success. Each resample
+    weighs each image by how often it was drawn: the AUROC is the weighted share of
+    (failure, success) pairs in which the failure is less confident, ties counting a half."""
+    confidence = np.asarray(confidence, np.float64)
+    fails = failed(iou)
+    n = confidence.size
+    idx = _resample_indices(n, resamples, seed)
+    drawn = np.zeros((resamples, n))
+    np.add.at(drawn, (np.arange(resamples)[:, None], idx), 1.0)
+    f, s = -confidence[fails], -confidence[~fails]
+    ahead = (f[:, None] > s[None, :]) + 0.5 * (f[:, None] == s[None, :])  # (failures, successes)
+    weight_f, weight_s = drawn[:, fails], drawn[:, ~fails]
+    pairs = weight_f.sum(1) * weight_s.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, ((weight_f @ ahead) * weight_s).sum(1) / pairs, np.nan)
+
+
 def failure_auroc_interval(confidence, iou, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED,
                            level=LEVEL):
     """{"auroc", "low", "high", "failures", "images"}; the interval resamples images, and a
     resample without a failure or without a success is drawn again in effect (left out)."""
-    confidence = np.asarray(confidence, np.float64)
     iou = np.asarray(iou, np.float64)
     value = failure_auroc(confidence, iou)
     out = {"auroc": value, "low": None, "high": None, "failures": int(failed(iou).sum()),
            "images": int(iou.size)}
     if value is None:
         return out
-    values = [failure_auroc(confidence[i], iou[i])
-              for i in _resample_indices(iou.size, resamples, seed)]
-    values = [v for v in values if v is not None]
+    values = resampled_failure_aurocs(confidence, iou, resamples, seed)
     tail = (1 - level) / 2
-    out["low"], out["high"] = (float(q) for q in np.quantile(values, [tail, 1 - tail]))
+    out["low"], out["high"] = (float(q) for q in np.nanquantile(values, [tail, 1 - tail]))
     return out
 
 
@@ -178,18 +362,13 @@ def paired_auroc(conf_a, conf_b, iou, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTST
                  level=LEVEL):
     """AUROC of confidence a minus that of b on the same images, with a paired interval (the
     same resampled images for both)."""
-    conf_a, conf_b = np.asarray(conf_a, np.float64), np.asarray(conf_b, np.float64)
-    iou = np.asarray(iou, np.float64)
     a, b = failure_auroc(conf_a, iou), failure_auroc(conf_b, iou)
     if a is None:
         return None
-    diffs = []
-    for i in _resample_indices(iou.size, resamples, seed):
-        da, db = failure_auroc(conf_a[i], iou[i]), failure_auroc(conf_b[i], iou[i])
-        if da is not None:
-            diffs.append(da - db)
+    diffs = resampled_failure_aurocs(conf_a, iou, resamples, seed) - \
+        resampled_failure_aurocs(conf_b, iou, resamples, seed)
     tail = (1 - level) / 2
-    low, high = np.quantile(diffs, [tail, 1 - tail])
+    low, high = np.nanquantile(diffs, [tail, 1 - tail])
     return {"mean": a - b, "low": float(low), "high": float(high)}
 
 
@@ -237,13 +416,9 @@ def calibration_level(confidence, iou, catch=0.9):
 
 # ----------------------------------------------------------------------------- confidence
 #
-# A confidence comes from the model's own output, never from the truth. Each candidate reads
-# `maps`, the (V, h, w) probability maps at network size behind one image: every member of
-# an ensemble, each under the 4 flip views (identity first, then horizontal, vertical, both),
-# member after member. Which one test_model.py reports was chosen by measurement
-# (docs/evaluation.md).
-
-FLIP_VIEWS = 4  # views per member in `maps`
+# A confidence comes from the model's own output, never from the truth, and from the map the
+# prediction already made: no forward pass runs for it. benchmarks/confidence_study.py
+# measures the formulas that were tried against each other (docs/evaluation.md).
 
 
 def soft_iou(prob, threshold=0.5):
@@ -256,21 +431,6 @@ def soft_iou(prob, threshold=0.5):
     return float(np.minimum(prob, mask).sum()) / union if union else 1.0
 
 
-def soft_agreement(maps):
-    """How much the maps agree: sum of the pixelwise minimum over sum of the maximum (a
-    soft IoU of all the maps at once). 1 when they are identical."""
-    maps = np.asarray(maps, np.float32)
-    union = float(maps.max(0).sum())
-    return float(maps.min(0).sum()) / union if union else 1.0
-
-
-def mask_agreement(maps, threshold=0.5):
-    """IoU of the pixels every map calls lesion with the pixels any map calls lesion."""
-    masks = np.asarray(maps, np.float32) >= np.float32(threshold)
-    union = int(masks.any(0).sum())
-    return int(masks.all(0).sum()) / union if union else 1.0
-
-
 def soft_iou_largest(prob, threshold=0.5):
     """Soft IoU of a probability map with its largest lesion region, holes filled (the mask
     post-processing keeps): also low where probability is spread over several regions."""
@@ -280,65 +440,27 @@ def soft_iou_largest(prob, threshold=0.5):
     return float(np.minimum(prob, region).sum()) / union if union else 1.0
 
 
-def identity_views(maps):
-    """Each member's map without test-time views."""
-    return np.asarray(maps)[::FLIP_VIEWS]
+CONFIDENCE = "soft_iou_largest"  # what "confidence" is (measured: docs/evaluation.md)
+confidence = soft_iou_largest
 
 
-def confidence_candidates(maps, threshold=0.5):
-    """{name: confidence in [0, 1]} of one image from its (members x 4 flip views) maps."""
-    maps = np.asarray(maps, np.float32)
-    plain = identity_views(maps)
-    base = soft_iou(plain.mean(0), threshold)  # the baseline: no test-time views
-    agree = soft_agreement(maps)
-    return {
-        "soft_iou": base,
-        "soft_iou_flips": soft_iou(maps.mean(0), threshold),
-        "view_agreement": agree,
-        "mask_agreement": mask_agreement(maps, threshold),
-        "soft_iou_x_agreement": base * agree,
-        "soft_iou_largest": soft_iou_largest(plain.mean(0), threshold),
-        # an ensemble's members without views (1 for a single model: it needs members)
-        "member_agreement": soft_agreement(plain),
-        "soft_iou_x_members": base * soft_agreement(plain),
-    }
-
-
-CANDIDATES = ("soft_iou", "soft_iou_flips", "view_agreement", "mask_agreement",
-              "soft_iou_x_agreement", "soft_iou_largest", "member_agreement",
-              "soft_iou_x_members")
-CONFIDENCE = "soft_iou_largest"  # the candidate reported as "confidence" (measured: docs/evaluation.md)
-
-
-INTERVAL_SCORES = ("iou", "dice", "threshold_jaccard")  # the means reported with an interval
-
-
-def judge(rows, confidence=CONFIDENCE):
-    """What summary.json adds to the means, from per-image rows (dicts with iou, dice,
-    threshold_jaccard and, where measured, confidence_<candidate>): each mean with its
-    interval; the confidence's AUROC for failures, every candidate's beside it (paired against
-    the baseline soft_iou), the level that sets aside 90% of the failures; the review curve."""
+def judge(rows, confidence_key="confidence"):
+    """What summary.json adds to the means, from per-image rows (dicts of the registry's
+    scores and, where measured, `confidence_key`): each interval metric's mean with its
+    interval; the confidence's AUROC for failures, the level that sets aside 90% of the
+    failures, and the review curve."""
     iou = [float(r["iou"]) for r in rows]
     out = {"bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED,
                          "level": LEVEL},
            "intervals": {k: mean_with_interval([float(r[k]) for r in rows])
-                         for k in INTERVAL_SCORES}}
-    if not rows or f"confidence_{confidence}" not in rows[0]:
+                         for k in names(interval=True) if not rows or k in rows[0]}}
+    if not rows or confidence_key not in rows[0]:
         return out
-    values = {name: [float(r[f"confidence_{name}"]) for r in rows] for name in CANDIDATES
-              if f"confidence_{name}" in rows[0]}
-    chosen = values[confidence]
-    candidates = {}
-    for name, conf in values.items():
-        candidates[name] = {**failure_auroc_interval(conf, iou),
-                            "review_curve": review_curve(conf, iou)}
-        if name != "soft_iou" and "soft_iou" in values:
-            candidates[name]["vs_soft_iou"] = paired_auroc(conf, values["soft_iou"], iou)
+    chosen = [float(r[confidence_key]) for r in rows]
     level = calibration_level(chosen, iou)
     below = np.asarray(chosen) < level if level is not None else np.zeros(len(iou), bool)
-    out["confidence"] = {"name": confidence, **candidates[confidence], "level_90": level,
-                         "level_90_images": int(below.sum()),
-                         "level_90_failures": int((below & failed(iou)).sum()),
-                         "candidates": candidates}
+    out["confidence"] = {"name": CONFIDENCE, **failure_auroc_interval(chosen, iou),
+                         "level_90": level, "level_90_images": int(below.sum()),
+                         "level_90_failures": int((below & failed(iou)).sum())}
     out["review_curve"] = review_curve(chosen, iou)
     return out

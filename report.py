@@ -191,10 +191,18 @@ def _table(rows, header=None):
     return "".join(out + ["</table>"])
 
 
-def headline_rows(intervals):
-    """[(score, mean, 95% interval)] from {name: {"mean", "low", "high"}}."""
-    return [(name, block["mean"], f"{block['low']:.3f} to {block['high']:.3f}")
-            for name, block in intervals.items()]
+def headline_rows(summary):
+    """[(score, mean, 95% interval, better, what it is)] of every metric of the registry, from
+    a summary with each mean under its name and the intervals under "intervals"."""
+    rows = []
+    for metric in metrics.REGISTRY:
+        if metric.name not in summary:
+            continue
+        block = summary.get("intervals", {}).get(metric.name)
+        interval = f"{block['low']:.3f} to {block['high']:.3f}" if block else ""
+        rows.append((metric.name, summary[metric.name], interval,
+                     "higher" if metric.higher_is_better else "lower", metric.about))
+    return rows
 
 
 @dataclass
@@ -224,7 +232,7 @@ def write_report(path, title, facts, headline, items, judged=None):
             "<h2>Scores</h2>",
             f"<p>Mean over {len(items)} images; 95% bootstrap interval over images "
             f"({metrics.BOOTSTRAP_RESAMPLES} resamples, seed {metrics.BOOTSTRAP_SEED}).</p>",
-            _table(headline, ["score", "mean", "95% interval"])]
+            _table(headline, ["score", "mean", "95% interval", "better", "what it is"])]
     if failure is not None:
         auc = failure.get("auroc")
         text = (f"AUROC {auc:.3f} (95% interval {failure['low']:.3f} to "
@@ -275,12 +283,92 @@ def _item(r, level):
             "</figure>")
 
 
+# ----------------------------------------------------------------------------- figures
+
+FIGURE_MAX_SIDE = 1024  # bigger images are shrunk to this for the overlay figure
+
+
+def save_overlay(image_path, prob, pred, truth, path, title, exif=True):
+    """Image, probability map, and the predicted (and true) outline, shrunk for big images."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    h, w = prob.shape
+    scale = min(1.0, FIGURE_MAX_SIDE / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    side = FIGURE_MAX_SIDE
+    image = cv2.resize(preprocess.read_image(image_path, min_hw=(side, side), exif=exif), size,
+                       interpolation=cv2.INTER_AREA)
+    fig, axes = plt.subplots(1, 3, figsize=(15, min(10, max(3, 5 * h / w)) + 0.6))
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    shown = axes[1].imshow(cv2.resize(prob, size, interpolation=cv2.INTER_AREA), vmin=0, vmax=1,
+                           cmap="magma")
+    fig.colorbar(shown, ax=axes[1], fraction=0.046)
+    axes[1].set_title("lesion probability")
+    axes[2].imshow(image)
+    handles = []
+    for mask, colour, label in ((pred, "yellow", "predicted"), (truth, "cyan", "true")):
+        if mask is None:
+            continue
+        small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        if small.max() > 0:  # a zero border closes the outline of a lesion cut by the frame
+            padded = np.pad(small, 1)
+            axes[2].contour(np.arange(-1, size[0] + 1), np.arange(-1, size[1] + 1), padded,
+                            levels=[0.5 * small.max()], colors=colour, linewidths=1.5)
+        handles.append(Line2D([], [], color=colour, label=f"{label} outline"))
+    axes[2].set(xlim=(-0.5, size[0] - 0.5), ylim=(size[1] - 0.5, -0.5))
+    axes[2].legend(handles=handles, loc="lower right", fontsize=8)
+    axes[2].set_title("outlines")
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    preprocess.save_figure(fig, path)
+
+
+def plot_analysis(hist, edges, curve, best, path, title):
+    """The histogram and the score curves; `best`: (the best row, the score it maximises)."""
+    best, best_by = best
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for row, colour, label in ((0, "tab:blue", "background pixels"),
+                               (1, "tab:red", "lesion pixels")):
+        left.stairs(hist[row], edges, color=colour, label=label)
+    left.set_yscale("log", nonpositive="clip")  # empty bins drop to the axis
+    left.set(xlabel="predicted lesion probability", ylabel="pixels (log scale)",
+             title="where the probabilities cluster", xlim=(0, 1), ylim=(0.8, None))
+    left.legend()
+    t = [row["threshold"] for row in curve]
+    # thresholded Jaccard equals IoU wherever every image scores >= 0.65: dashed on top of
+    # a thicker IoU line, so both stay visible where they coincide
+    for key, label, style, width in (("iou", "mean IoU", "o-", 3.0),
+                                     ("threshold_jaccard", "thresholded Jaccard", "s--", 1.2),
+                                     ("dice", "mean Dice", "^-", 1.2)):
+        right.plot(t, [row[key] for row in curve], style, ms=3, lw=width, label=label)
+    right.axvline(best["threshold"], color="grey", ls="--", lw=1,
+                  label=f"best {best_by}: {best['threshold']:g}")
+    right.set(xlabel="threshold", ylabel="score", title="score against threshold", xlim=(0, 1))
+    right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    preprocess.save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- variants
+
+
 # ----------------------------------------------------------------------------- from a run
 
 def write_evaluation(out, rows, summary, title, facts, level=None):
     """report.html in `out` from per-image rows (id, iou, threshold_jaccard, confidence; the
-    thumbnails in out/thumbnails/<id>.jpg) and the summary (intervals, confidence, review
-    curve). Threshold curves that --threshold-analysis left beside `out` are shown too."""
+    thumbnails in out/thumbnails/<id>.jpg) and the summary (each metric's mean under its
+    name, intervals, confidence, review curve). Threshold curves that --threshold-analysis left beside `out` are shown too."""
     curves = []
     for table in sorted(out.parent.glob("threshold_*/threshold_curve.csv")):
         with open(table) as f:
@@ -289,7 +377,7 @@ def write_evaluation(out, rows, summary, title, facts, level=None):
     items = [{"id": r["id"], "iou": float(r["iou"]), "confidence": float(r["confidence"]),
               "threshold_jaccard": float(r["threshold_jaccard"]),
               "thumbnail": f"thumbnails/{r['id']}.jpg"} for r in rows]
-    write_report(out / "report.html", title, facts, headline_rows(summary["intervals"]), items,
+    write_report(out / "report.html", title, facts, headline_rows(summary), items,
                  Judgement(summary.get("review_curve"), summary.get("confidence"), curves,
                            level))
     print(f"report: {out / 'report.html'} ({len(items)} thumbnails in {out / 'thumbnails'})")

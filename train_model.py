@@ -27,6 +27,7 @@ import demo_data
 import device as device_lib
 import engine
 import load_dataset
+import metrics
 import model as model_lib
 import preprocess
 from checkpoint import CheckpointError
@@ -219,8 +220,9 @@ class Run:
     progress: Progress = field(default_factory=Progress)
 
 
-LOG_COLUMNS = ["epoch", "lr", "train_loss", "valid_loss", "valid_iou", "valid_dice",
-               "valid_threshold_jaccard", "seconds", "network"]
+# the validation columns are the metrics the registry logs (metrics.py)
+LOG_COLUMNS = ["epoch", "lr", "train_loss", "valid_loss",
+               *(f"valid_{name}" for name in metrics.names(logged=True)), "seconds", "network"]
 
 
 def plot_curves(rows, iter_log, path, title):
@@ -587,9 +589,8 @@ def record_epoch(run, epoch, lr, trained, valid, seconds):
     """The CSV row, the best checkpoint (when improved), the resume state, the curves."""
     progress, paths = run.progress, run.paths
     row = {"epoch": epoch, "lr": lr, "train_loss": round(trained.loss, 6),
-           "valid_loss": round(valid["loss"], 6), "valid_iou": round(valid["iou"], 6),
-           "valid_dice": round(valid["dice"], 6),
-           "valid_threshold_jaccard": round(valid["threshold_jaccard"], 6),
+           "valid_loss": round(valid["loss"], 6),
+           **{f"valid_{name}": round(valid[name], 6) for name in metrics.names(logged=True)},
            "seconds": round(seconds, 1), "network": f"{run.args.arch} {run.args.encoder}"}
     progress.rows.append(row)
     # a NaN IoU (no validation image readable) compares False: never the best

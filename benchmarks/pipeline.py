@@ -13,7 +13,7 @@ On generated JPEGs of ISIC sizes (written to a temporary folder, removed afterwa
   before) and at each image's original size (engine.validate's loop), and their ratio;
 - `test_model.py --image` on a 6000x4000 JPEG, split into read, preprocess, model and write
   (timed through the modules that script calls: preprocess, predict.predict_batch, and the
-  mask written as test_model.write_mask writes it, preprocess.atomic_write + PIL), and the
+  mask written as evaluate.write_mask writes it, preprocess.atomic_write + PIL), and the
   whole script once, end to end, as a subprocess (start-up, checkpoint, mask and overlay);
 - peak memory of one training epoch at 200 and at 2000 images (each in a fresh process).
 - precision: engine's training step and predict.probabilities in float32, bf16 and each
@@ -439,7 +439,7 @@ def untrained_checkpoint(path, encoder, size):
 
 
 def write_png_mask(pred, path):
-    """A bool mask as test_model.write_mask writes it: 0/255, 8-bit grayscale PNG, fast
+    """A bool mask as evaluate.write_mask writes it: 0/255, 8-bit grayscale PNG, fast
     compression, through preprocess.atomic_write."""
     from PIL import Image
 

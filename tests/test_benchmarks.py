@@ -4,12 +4,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import compare_recipes  # noqa: E402
+import metrics  # noqa: E402
 
 
 def write_csv(path, rows):
@@ -120,3 +122,32 @@ def test_table_pairs_each_folder_with_a_reference_recipe_fold_by_fold(tmp_path, 
     with pytest.raises(SystemExit):  # one baseline: --plain or --reference, not both
         compare_recipes.main(["--reference", str(reference), "--plain", str(tmp_path),
                               str(other)])
+
+
+# ----------------------------------------------------------------------------- confidence study
+
+def test_the_study_reads_the_identity_view_for_the_plain_candidates():
+    import confidence_study
+
+    # the identity view is certain, the three flipped views doubt
+    certain = np.array([[1.0, 0.0], [0.0, 0.0]])
+    doubtful = np.array([[0.6, 0.4], [0.0, 0.0]])
+    c = confidence_study.candidates(np.stack([certain, doubtful, doubtful, doubtful]))
+    assert c["soft_iou"] == 1.0 and c["soft_iou_largest"] == 1.0  # the identity view only
+    # the views' pixelwise min sums to 0.6, their max to 1 + 0.4
+    assert c["view_agreement"] == pytest.approx(0.6 / 1.4)
+    assert c["mask_agreement"] == pytest.approx(1.0)  # every view calls the same pixel lesion
+    # the mean of the views: 0.7 and 0.3; its mask the first pixel: min 0.7, max 1 + 0.3
+    assert c["soft_iou_flips"] == pytest.approx(0.7 / 1.3)
+    assert c["soft_iou_x_agreement"] == pytest.approx(c["soft_iou"] * c["view_agreement"])
+    assert len(c) == 8 and metrics.CONFIDENCE in c
+
+
+def test_agreement_of_views_that_disagree():
+    import confidence_study
+
+    a = np.array([[1.0, 1.0, 0.0, 0.0]])
+    b = np.array([[1.0, 0.0, 0.0, 0.0]])
+    assert confidence_study.soft_agreement([a, b]) == pytest.approx(0.5)
+    assert confidence_study.mask_agreement([a, b]) == pytest.approx(0.5)
+    assert confidence_study.soft_agreement([a, a]) == 1.0

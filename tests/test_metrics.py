@@ -184,36 +184,17 @@ def test_soft_iou_of_a_map_with_its_own_mask():
     assert metrics.soft_iou(np.eye(4)) == 1.0          # certain everywhere
 
 
-def test_agreement_of_views_that_disagree():
-    a = np.array([[1.0, 1.0, 0.0, 0.0]])
-    b = np.array([[1.0, 0.0, 0.0, 0.0]])
-    assert metrics.soft_agreement([a, b]) == pytest.approx(0.5)
-    assert metrics.mask_agreement([a, b]) == pytest.approx(0.5)
-    assert metrics.soft_agreement([a, a]) == 1.0
-
-
-def test_candidates_read_the_identity_views_for_the_baseline():
-    # one member, 4 flip views: the identity view is certain, the other three doubt
-    certain = np.array([[1.0, 0.0], [0.0, 0.0]])
-    doubtful = np.array([[0.6, 0.4], [0.0, 0.0]])
-    maps = np.stack([certain, doubtful, doubtful, doubtful])
-    c = metrics.confidence_candidates(maps)
-    assert c["soft_iou"] == 1.0  # the baseline sees the identity view only
-    assert c["view_agreement"] == pytest.approx(0.6 / 1.4)
-    assert c["soft_iou_x_agreement"] == pytest.approx(c["soft_iou"] * c["view_agreement"])
-    assert set(c) == set(metrics.CANDIDATES) and metrics.CONFIDENCE in c
-
-
 def test_judge_gives_intervals_auroc_and_the_review_curve():
     rows = [{"iou": v, "dice": v, "threshold_jaccard": v if v >= 0.65 else 0.0,
-             **{f"confidence_{n}": v for n in metrics.CANDIDATES}}
+             "hd95": 10 * (1 - v), "nsd": v, "confidence": v}
             for v in np.linspace(0.3, 0.95, 20)]
     judged = metrics.judge(rows)
     assert judged["intervals"]["iou"]["mean"] == pytest.approx(np.mean([r["iou"] for r in rows]))
     assert judged["intervals"]["iou"]["low"] < judged["intervals"]["iou"]["mean"]
+    assert set(judged["intervals"]) == {"iou", "dice", "threshold_jaccard", "hd95", "nsd"}
     assert judged["confidence"]["auroc"] == 1.0  # confidence equal to IoU: a perfect ranking
+    assert judged["confidence"]["name"] == metrics.CONFIDENCE
     assert [r["set_aside"] for r in judged["review_curve"]] == list(metrics.REVIEW_FRACTIONS)
-    assert judged["confidence"]["candidates"]["view_agreement"]["vs_soft_iou"]["mean"] == 0.0
 
 
 def test_soft_iou_largest_counts_a_second_region_as_doubt():
@@ -224,3 +205,122 @@ def test_soft_iou_largest_counts_a_second_region_as_doubt():
     # second region only adds to the maximum, 4 / (4 + 1.8)
     assert metrics.soft_iou(prob) == pytest.approx(5.8 / 6)
     assert metrics.soft_iou_largest(prob) == pytest.approx(4 / 5.8)
+
+
+# ----------------------------------------------------------------------------- boundaries
+#
+# Boundary pixels: lesion pixels with a 4-neighbour that is background or beyond the image's
+# edge. Distances are Euclidean, in pixels, between pixel centres.
+
+def pixel(shape, *where):
+    mask = np.zeros(shape, bool)
+    for r, c in where:
+        mask[r, c] = True
+    return mask
+
+
+def boundary_scores(pred, truth, tolerance=metrics.NSD_TOLERANCE):
+    pair = metrics.MaskPair(pred, truth)
+    return metrics.hd95(pair), metrics.nsd(pair, tolerance)
+
+
+def test_two_single_pixels_three_by_four_apart_are_five_pixels_apart():
+    pred, truth = pixel((10, 10), (0, 0)), pixel((10, 10), (3, 4))
+    assert boundary_scores(pred, truth, 5.0) == pytest.approx((5.0, 1.0))  # within 5 px
+    assert boundary_scores(pred, truth, 4.0) == pytest.approx((5.0, 0.0))  # not within 4
+
+
+def test_a_square_shifted_by_one_column():
+    # 5x5 squares, columns 2-6 against 3-7: each outline has 16 pixels; on each, the 8 pixels
+    # of the top and bottom rows that the other square shares are 0 away, the two corners
+    # that stick out and the 6 pixels of the side columns 1 away
+    pred = box((10, 10), slice(2, 7), slice(2, 7))
+    truth = box((10, 10), slice(2, 7), slice(3, 8))
+    assert metrics.boundary_points(pred).shape == (16, 2)
+    assert sorted(metrics.MaskPair(pred, truth).distances()[0]) == [0] * 8 + [1] * 8
+    # 95th percentile of eight 0s and eight 1s: 1; half the outline within 0.5 px, all within 1
+    assert boundary_scores(pred, truth, 0.5) == pytest.approx((1.0, 0.5))
+    assert boundary_scores(pred, truth, 1.0) == pytest.approx((1.0, 1.0))
+
+
+def test_hd95_sets_one_stray_pixel_aside_where_the_hausdorff_distance_would_not():
+    # the same 5x5 square (rows and columns 2-6), the truth with one more pixel 3 rows below
+    # its bottom row: predicted outline 16 pixels all on the true outline; the true outline 17
+    # pixels, 16 at 0 and one at 3. 95th percentile of 17 values (linear interpolation):
+    # rank 0.95 * 16 = 15.2, between the 16th value (0) and the 17th (3): 0.2 * 3 = 0.6
+    pred = box((12, 12), slice(2, 7), slice(2, 7))
+    truth = pred.copy()
+    truth[9, 4] = True
+    hd, nsd = boundary_scores(pred, truth, 2.0)
+    assert hd == pytest.approx(0.6)
+    assert nsd == pytest.approx((16 + 16) / (16 + 17))  # the stray pixel is beyond 2 px
+
+
+@pytest.mark.parametrize("pred_empty, truth_empty, expected", [
+    (True, True, (0.0, 1.0)),     # nothing to find, nothing found: perfect
+    (True, False, (10.0, 0.0)),   # a lesion missed: the image's diagonal, hypot(6, 8) = 10
+    (False, True, (10.0, 0.0)),   # a lesion where there is none: the same
+])
+def test_empty_masks_have_defined_finite_values(pred_empty, truth_empty, expected):
+    lesion = box((6, 8), slice(1, 3), slice(1, 4))
+    empty = np.zeros((6, 8), bool)
+    got = boundary_scores(empty if pred_empty else lesion, empty if truth_empty else lesion)
+    assert got == pytest.approx(expected)
+    assert all(np.isfinite(got))
+
+
+def test_a_lesion_cut_by_the_frame_has_its_outline_along_the_frame():
+    # a full 4x4 mask: the 12 pixels of its outer ring lie on the image's edge, so they are
+    # outline (beyond the edge counts as background); the 4 inner pixels are not
+    full = np.ones((4, 4), bool)
+    points = {tuple(p) for p in metrics.boundary_points(full).astype(int)}
+    assert len(points) == 12 and not points & {(1, 1), (1, 2), (2, 1), (2, 2)}
+
+
+def test_the_bounding_box_gives_the_outline_of_the_whole_image():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = np.zeros((30, 40), bool)
+        r, c = rng.integers(0, 30), rng.integers(0, 40)
+        mask[r:r + rng.integers(1, 12), c:c + rng.integers(1, 12)] = True
+        mask &= rng.random(mask.shape) < 0.9  # holes and ragged edges
+        if not mask.any():
+            continue
+        padded = np.pad(mask, 1)  # beyond the edge: background
+        inner = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] \
+            & padded[1:-1, :-2] & padded[1:-1, 2:]
+        expected = sorted(zip(*np.nonzero(mask & ~inner)))
+        assert sorted(map(tuple, metrics.boundary_points(mask).astype(int))) == expected
+
+
+# ----------------------------------------------------------------------------- the registry
+
+def test_every_registry_metric_is_scored_once_per_image_and_the_counts_ones_as_before():
+    pred = box((10, 10), slice(2, 7), slice(2, 7))
+    truth = box((10, 10), slice(2, 7), slice(3, 8))
+    got = metrics.image_scores(pred, truth)
+    assert list(got) == metrics.names()
+    assert {k: got[k] for k in metrics.SCORE_NAMES} == metrics.scores(
+        *metrics.confusion(pred, truth))
+    assert (got["hd95"], got["nsd"]) == pytest.approx(boundary_scores(pred, truth))
+    assert metrics.names(logged=True) == ["iou", "dice", "threshold_jaccard"]
+    assert {m.name: m.higher_is_better for m in metrics.REGISTRY}["hd95"] is False
+
+
+def test_score_at_original_brings_the_map_to_the_masks_size_before_the_cut():
+    # a 2x2 map whose left column is lesion, scored against a 4x6 truth of its left half
+    prob = np.array([[0.9, 0.1], [0.9, 0.1]], np.float32)
+    truth = box((4, 6), slice(None), slice(0, 3))
+    pred, scores = metrics.score_at_original(prob, truth, 0.5)
+    assert pred.shape == (4, 6) and scores["iou"] == 1.0 and scores["hd95"] == 0.0
+
+
+def test_resampled_aurocs_equal_the_auroc_of_each_resample():
+    rng = np.random.default_rng(1)
+    confidence = np.round(rng.random(25), 1)  # ties, counted a half
+    iou = np.clip(0.8 * confidence + rng.normal(0, 0.2, 25), 0, 1)
+    each = [metrics.failure_auroc(confidence[i], iou[i])
+            for i in metrics._resample_indices(25, 300, 0)]
+    together = metrics.resampled_failure_aurocs(confidence, iou, 300, 0)
+    assert np.allclose([np.nan if v is None else v for v in each], together, equal_nan=True)
+    assert np.isnan(together).sum() == sum(v is None for v in each)

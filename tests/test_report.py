@@ -15,6 +15,7 @@ import device as device_lib
 from PIL import Image
 
 import demo_data
+import evaluate
 import load_dataset
 import metrics
 import model as model_lib
@@ -191,3 +192,49 @@ def test_cross_validation_report_has_every_out_of_fold_image(tmp_path, data, cap
     assert {c["train_pairs"] for c in summary["checkpoints"].values()} == {
         plain["images"] - plain["images"] // 2, plain["images"] // 2}
     assert "out-of-fold IoU" in printed and "95% bootstrap intervals" in printed
+
+
+def test_a_metric_added_to_the_registry_reaches_the_csv_the_summary_and_the_report(
+        tmp_path, data, capsys, monkeypatch):
+    """One entry in metrics.REGISTRY, nothing else: each image's count of predicted outline
+    pixels, checked against the masks --evaluate wrote."""
+    def outline(pair):
+        return len(metrics.boundary_points(pair.pred)) if pair.pred.any() else 0
+    monkeypatch.setattr(metrics, "REGISTRY", [*metrics.REGISTRY, metrics.Metric(
+        "outline_pixels", outline, source="masks", interval=True, about="predicted outline")])
+    ckpt = checkpoint(tmp_path / "m.pth", data)
+    out = tmp_path / "eval"
+    run_main(["--checkpoint", ckpt, "--evaluate", "--out", out, "--workers", 0], capsys)
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        written = np.asarray(Image.open(out / "masks" / f"{row['id']}_segmentation.png")) > 0
+        expected = len(metrics.boundary_points(written)) if written.any() else 0
+        assert float(row["outline_pixels"]) == expected
+        assert {"hd95", "nsd"} <= set(row)  # the boundary metrics, for every evaluation
+    mean = np.mean([float(r["outline_pixels"]) for r in rows])
+    assert mean > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outline_pixels"] == pytest.approx(mean)
+    assert summary["intervals"]["outline_pixels"]["low"] <= mean
+    assert {"hd95", "nsd"} <= set(summary["intervals"])
+    text = (out / "report.html").read_text()
+    assert f"<td>outline_pixels</td><td>{mean:.3f}</td>" in text
+    assert "<td>hd95</td>" in text and "<td>nsd</td>" in text
+
+
+@pytest.mark.parametrize("tta, views", [("none", 1), ("flips", 4)])
+def test_evaluate_and_one_image_run_one_forward_pass_per_view(tmp_path, data, tta, views):
+    """The confidence comes from the prediction's own map: no pass runs for it alone."""
+    ckpt = checkpoint(tmp_path / "m.pth", data)
+    predictor = predict.load_predictor([ckpt], None, CPU, tta)
+    seen = []
+    predictor.members[0][0].register_forward_pre_hook(
+        lambda module, inputs: seen.append(len(inputs[0])))
+    pairs = data[2]["test"]
+    evaluate.evaluate_split(predictor, pairs, tmp_path / "eval", 0.5,
+                            evaluate.Scoring(batch_size=3, workers=0))
+    assert sum(seen) == views * len(pairs)
+    seen.clear()
+    evaluate.image_prediction(predictor, pairs[0].image)
+    assert sum(seen) == views

@@ -18,6 +18,7 @@ import device as device_lib
 from PIL import Image
 
 import demo_data
+import evaluate
 import model as model_lib
 import load_dataset
 import metrics
@@ -248,7 +249,7 @@ def test_threshold_counts_equal_confusion_at_every_threshold():
     prob = rng.random((37, 53)).astype(np.float32)
     prob.flat[:19] = np.float32(test_model.THRESHOLDS)  # exactly on a threshold: lesion
     truth = rng.random((37, 53)) < 0.3
-    counts = test_model.threshold_counts(prob, truth, test_model.THRESHOLDS)
+    counts = evaluate.threshold_counts(prob, truth, test_model.THRESHOLDS)
     for i, t in enumerate(test_model.THRESHOLDS):
         assert tuple(counts[i]) == metrics.confusion(prob >= np.float32(t), truth)
 
@@ -446,7 +447,7 @@ def test_exif_rotated_photo_stays_aligned_with_its_mask(tmp_path, turned_mask):
     ckpt = record_of(model, {"image_size": (64, 64)})
     out = tmp_path / "evaluation"
     predictor = predict.Predictor([(model, ckpt, "model.pth")], CPU)
-    test_model.evaluate_split(predictor, [pair], out, 0.5)
+    evaluate.evaluate_split(predictor, [pair], out, 0.5)
     written = np.asarray(Image.open(out / "masks" / f"{pair_id}_segmentation.png"))
     assert written.shape == truth.shape == (256, 192)
 

@@ -160,6 +160,9 @@ def test_validation_in_the_csv_is_what_evaluate_reports_with_the_checkpoints_nor
     for key in ("iou", "dice", "threshold_jaccard"):
         assert summary[key] == pytest.approx(float(row[f"valid_{key}"]), abs=1e-4), key
     assert 0.0 < summary["iou"] < 1.0  # a real comparison, not two empty masks
+    # a summary to read, a training run's whole settings record included
+    lines = (out / "evaluation" / "fpn_resnet18" / "valid" / "summary.json").read_text()
+    assert len(lines.splitlines()) < 150
 
 
 def test_finished_run_resumed_does_nothing(demo_data, tmp_path, capsys):
