@@ -1,7 +1,11 @@
 """Prediction: an image (or a loader's batch) -> lesion probability at the image's own size,
 by a checkpoint or an ensemble of them (Predictor, PyTorch) or by a file of export_model.py
 (OnnxPredictor, onnxruntime), with test-time views. Both give the same interface:
-image(), batch(), describe(), name(), members, settings, ckpt."""
+image(), batch(), describe(), name(), members, settings, ckpt.
+
+ImageProbability is the one way from a uint8 image to its probability map (resize,
+normalisation, networks over the views, sigmoid, means, resize back): Predictor runs it and
+export_model.py traces it into the ONNX graph, so the two cannot drift apart."""
 import json
 from pathlib import Path
 
