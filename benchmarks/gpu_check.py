@@ -2,7 +2,7 @@
 the cached loader's images/s with its default workers, whether the loader keeps up, and how
 much longer validation at each image's original size takes than at network size.
 
-    python benchmarks/gpu_check.py               # on a CUDA machine: 1 to 3 minutes
+    python benchmarks/gpu_check.py               # on a CUDA machine
     python benchmarks/gpu_check.py --cpu-smoke   # the same code path, shrunk, on a CPU
 
 With no CUDA device it shrinks itself to the CPU smoke run and says so. The training step and
@@ -10,7 +10,8 @@ validation timed are the project's own (engine.train_one_epoch and engine.valida
 benchmarks/pipeline.py's train_steps and measure_validation), with train_model.py's default
 run (the block of constants in benchmarks/pipeline.py, which these measures use) and the
 project's loaders (load_dataset.make_loader), on generated images in a temporary folder.
-The last line is one JSON object; docs/speed.md shows a run.
+The last line is one JSON object. No run on a GPU has been recorded yet, so neither its
+figures nor how long it takes are known; docs/speed.md says how to run it.
 """
 import argparse
 import json
