@@ -506,6 +506,20 @@ def fold_splits(scan_result, splits, k, fold, seed, split_file=None):
             "valid": [pool[i] for i in folds[fold]], "test": list(splits["test"])}
 
 
+def run_splits(ckpt, data_dir=None):
+    """train/valid/test pairs as a checkpoint's run saw them: its data folder (or `data_dir`),
+    its split file and, for a fold model, its fold."""
+    run = ckpt["settings"]
+    data_dir = Path(data_dir or run["data"])
+    split_file = Path(ckpt["split_file"]) if ckpt.get("split_file") and data_dir == Path(
+        run["data"]) else split_file_for(data_dir)
+    found = scan(data_dir, progress=False)
+    splits = split_pairs(found, seed=run["seed"], split_file=split_file)
+    if run.get("fold") is not None:
+        splits = fold_splits(found, splits, run["folds"], run["fold"], run["seed"], split_file)
+    return splits
+
+
 def _read_split(split_file, train, missing):
     redraw = f"delete {split_file} or pass --redraw-split to train_model.py to draw a new split"
     try:

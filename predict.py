@@ -1,27 +1,28 @@
 """Prediction: an image (or a loader's batch) -> lesion probability at the image's own size,
 by a checkpoint or an ensemble of them (Predictor, PyTorch) or by a file of export_model.py
 (OnnxPredictor, onnxruntime), with test-time views. Both give the same interface:
-image(), batch(), describe(), name(), members, settings, ckpt."""
+image(), batch(), describe(), name(), members, settings, ckpt.
+
+ImageProbability is the one way from a uint8 image to its probability map (resize,
+normalisation, networks over the views, sigmoid, means, resize back): Predictor runs it and
+export_model.py traces it into the ONNX graph, so the two cannot drift apart."""
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import onnx_format
 import preprocess
-from checkpoint import (CheckpointError, best_models, checkpoint_fields, input_settings,
+from checkpoint import (best_models, checkpoint_fields, input_settings,
                         is_resume_state, load_checkpoint, model_from_checkpoint)
 from device import autocast, to_device
 from settings import SettingError
 
 
-@torch.inference_mode()
 def probabilities(model, images, device, mixed=False, channels_last=False):
     """(N, H, W) float32 lesion probabilities at network size for a (N, 3, H, W) batch."""
-    model.eval()
-    with autocast(device, mixed):
-        logits = model(to_device(images, device, channels_last))
-    return torch.sigmoid(logits.float())[:, 0]  # sigmoid in float32, not in bfloat16
+    return tta_probabilities(model, images, device, "none", mixed, channels_last)
 
 
 TTA_MODES = ("none", "flips", "flips+rot90")
@@ -55,14 +56,11 @@ def tta_views(tta, square):
 
 @torch.inference_mode()
 def tta_probabilities(model, images, device, tta="none", mixed=False, channels_last=False):
-    """Mean lesion probability over the test-time views of a batch, mapped back to place."""
-    views = tta_views(tta, images.shape[-1] == images.shape[-2])
-    total = None
-    for forward, inverse in views:
-        probs = probabilities(model, forward(images), device, mixed, channels_last)
-        probs = inverse(probs[:, None])
-        total = probs if total is None else total + probs
-    return total[:, 0] / len(views)
+    """Mean lesion probability over the test-time views of a batch at network size, mapped
+    back to place (ImageProbability.network_probability)."""
+    module = ImageProbability([model.eval()], [tuple(images.shape[-2:])], tta, channels_last)
+    with autocast(device, mixed):
+        return module.network_probability(0, to_device(images, device, False))
 
 
 def load_model(path, compute):
@@ -75,56 +73,10 @@ def load_model(path, compute):
     return model, ckpt
 
 
-ONNX_FORMAT = "melanoma-fpn-onnx"  # export_model.py's marker in the file's metadata
-ONNX_VERSION = 2
-# what test_model.py needs from an exported file's metadata
-ONNX_KEYS = ("format", "version", "arch", "encoder", "network_size", "interpolation", "mean",
-             "std", "threshold", "tta", "views", "recipe", "sources", "members", "opset")
-
-
-def onnx_metadata(path):
-    """The metadata of a file written by export_model.py; CheckpointError says what is wrong
-    with any other file (missing, not ONNX, or lacking the graph or metadata it needs)."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no ONNX file at {path}: write one with `python export_model.py "
-                              f"--checkpoint MODEL.pth`")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable ONNX file "
-                              f"({exc.__class__.__name__})") from None
-    meta = {p.key: p.value for p in proto.metadata_props}
-    lacks = [f"metadata '{k}'" for k in ONNX_KEYS if k not in meta]
-    inputs = {i.name: i.type.tensor_type for i in proto.graph.input}
-    outputs = {o.name for o in proto.graph.output}
-    if "image" not in inputs or inputs["image"].elem_type != onnx.TensorProto.UINT8 \
-            or len(inputs["image"].shape.dim) != 3:
-        lacks.append("an input 'image' of uint8 (height, width, 3)")
-    lacks += [f"an output '{name}'" for name in ("probability", "mask") if name not in outputs]
-    if lacks:
-        raise CheckpointError(f"{path} was not made by export_model.py: it lacks "
-                              f"{', '.join(lacks)}")
-    if meta["format"] != ONNX_FORMAT or not meta["version"].isdigit() \
-            or int(meta["version"]) != ONNX_VERSION:
-        raise CheckpointError(f"{path} has format {meta['format']!r} version "
-                              f"{meta['version']!r}; this code reads {ONNX_FORMAT!r} version "
-                              f"{ONNX_VERSION} only: export it again with `python export_model.py`")
-    return meta
-
-
 def onnx_session(path, threads=None):
-    """An onnxruntime CPU session of an exported file with as many threads as torch uses
-    (OMP_NUM_THREADS, which onnxruntime itself ignores); its warnings hidden, among them the
-    note that the optional input output_size can be overridden, as it is meant to be."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """onnx_format.session with as many threads as torch uses (OMP_NUM_THREADS, which
+    onnxruntime itself ignores)."""
+    return onnx_format.session(path, threads or torch.get_num_threads())
 
 
 class OnnxPredictor:
@@ -135,7 +87,7 @@ class OnnxPredictor:
     image's own size."""
 
     def __init__(self, path, tta="none"):
-        meta = onnx_metadata(path)
+        meta = onnx_format.read_metadata(path)
         if tta not in ("none", meta["tta"]):
             raise SettingError(f"TTA={tta!r}: {path} holds the test-time views "
                                f"{meta['tta']!r}; export again with `python export_model.py "
@@ -220,30 +172,86 @@ def predict_batch(model, images, compute, tta="none"):
                              compute.channels_last).cpu().numpy()
 
 
-def decoded_probability(members, image, compute, tta="none"):
-    """(H, W) map of a decoded uint8 (H, W, 3) image by [(model, ckpt, path)]: each member's
-    resize, network and views, its map resized to the image's size, the mean over members.
-    The steps an exported graph holds, in PyTorch."""
-    maps = []
-    for model, ckpt, _ in members:
-        settings = input_settings(ckpt)
-        small, _ = preprocess.resize_pair(image, None, settings.size_hw, settings.interpolation)
-        x = preprocess.to_tensor(small, settings.mean, settings.std)[None]
-        maps.append(preprocess.prob_to_original(predict_batch(model, x, compute, tta)[0],
-                                                image.shape[:2]))
-    return maps[0] if len(maps) == 1 else np.mean(maps, axis=0)
+def resize_image(x, size_hw):
+    """(1, 3, H, W) float32 pixel values -> (1, 3, h, w), rounded to whole levels as a uint8
+    image is: the linear filter widened to the shrink factor (antialias), which ONNX writes as
+    one Resize node (antialias=1, exclude_outside=1) and onnxruntime computes as PyTorch does.
+    It stands in for training's OpenCV area resize (docs/deployment.md gives the measured
+    difference); when enlarging it is the plain linear resize, as OpenCV's."""
+    small = torch.nn.functional.interpolate(x, size=tuple(size_hw), mode="bilinear",
+                                            antialias=True, align_corners=False)
+    return torch.round(small)
 
 
-def predict(model, ckpt, image_path, compute, exif=True, hw=None, tta="none"):
-    """Probability map (float32) of one image at its size as read (or at `hw`)."""
-    tensor, read_hw = preprocess.eval_input(image_path, input_settings(ckpt), exif=exif)
-    return preprocess.prob_to_original(predict_batch(model, tensor, compute, tta)[0],
-                                       hw or read_hw)
+def resize_back(prob, out_hw):
+    """(1, 1, h, w) -> (1, 1, H, W) linear with half-pixel centres (cv2.INTER_LINEAR's)."""
+    return torch.nn.functional.interpolate(prob, size=tuple(out_hw), mode="bilinear",
+                                           align_corners=False)
+
+
+class ImageProbability(torch.nn.Module):
+    """The one way from a uint8 image (H, W, 3) to its lesion probability (H, W) float32 at
+    the image's own size (or at `out_hw`): each member's resize to its network size, its
+    normalisation, the network over the test-time views, the sigmoid in float32, the mean
+    over views and members, the linear resize back. Predictor runs it; export_model.py
+    traces it to ONNX, so a new view or architecture exports with no code of its own."""
+
+    def __init__(self, nets, settings, tta="none", channels_last=False):
+        super().__init__()
+        self.nets = torch.nn.ModuleList(nets)
+        self.settings = [preprocess.as_settings(s) for s in settings]
+        self.views = tta_views(tta, all(s.size_hw[0] == s.size_hw[1] for s in self.settings))
+        self.channels_last = channels_last
+        for i, s in enumerate(self.settings):  # constants of the graph, kept on the device
+            scale = 255.0 * torch.tensor(s.std, dtype=torch.float32)
+            self.register_buffer(f"shift{i}", (255.0 * torch.tensor(s.mean))[:, None, None],
+                                 persistent=False)
+            self.register_buffer(f"factor{i}", (1.0 / scale)[:, None, None], persistent=False)
+
+    def network_probability(self, index, x):
+        """(N, h, w) mean probability over the views of member `index` for its normalised
+        (N, 3, h, w) input at network size."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # the views in one batch: one pass of the network (and one in the graph)
+        views = torch.cat([forward(x) for forward, _ in self.views]) \
+            if len(self.views) > 1 else self.views[0][0](x)
+        probs = torch.sigmoid(self.nets[index](views).float())  # float32, not bfloat16
+        parts = probs.split(x.shape[0])
+        total = sum(inverse(part) for (_, inverse), part in zip(self.views, parts))
+        return total[:, 0] / len(self.views)
+
+    def normalised(self, index, pixels):
+        """(1, 3, H, W) float pixels -> member `index`'s normalised input at its size."""
+        small = resize_image(pixels, self.settings[index].size_hw)
+        return (small - getattr(self, f"shift{index}")) * getattr(self, f"factor{index}")
+
+    def forward(self, image, out_hw=None):
+        out_hw = tuple(image.shape[:2]) if out_hw is None else tuple(out_hw)
+        pixels = image.permute(2, 0, 1)[None].float()
+        total = None
+        for group in self.groups():
+            # members of one input size: their mean commutes with the linear resize back
+            probs = [self.network_probability(i, self.normalised(i, pixels)) for i in group]
+            mean = sum(probs) / len(probs) if len(probs) > 1 else probs[0]
+            # squeezed, not indexed: an index is a copy of the full-size map in ONNX
+            part = resize_back(mean[:, None], out_hw).squeeze(1).squeeze(0)
+            part = part * (len(group) / len(self.nets)) if len(group) < len(self.nets) else part
+            total = part if total is None else total + part
+        return total
+
+    def groups(self):
+        """Member indices grouped by input settings, in order of first appearance."""
+        found = {}
+        for i, s in enumerate(self.settings):
+            found.setdefault(s, []).append(i)
+        return list(found.values())
 
 
 class Predictor:
     """One checkpoint, or an ensemble of several, with test-time views: the mean lesion
-    probability over every member and view, each member with its own preprocessing."""
+    probability over every member and view, each member with its own preprocessing, through
+    the one ImageProbability module."""
     why = "given by --checkpoint"  # how the checkpoint was chosen, for the console
 
     def __init__(self, members, compute, tta="none"):
@@ -251,6 +259,11 @@ class Predictor:
         self.compute, self.device, self.tta = compute, compute.device, tta
         self.ckpt, self.path = self.members[0][1], self.members[0][2]
         self.settings = input_settings(self.ckpt)
+        member_settings = [input_settings(c) for _, c, _ in self.members]
+        self.module = ImageProbability([m for m, _, _ in self.members], member_settings, tta,
+                                       compute.channels_last).to(compute.device).eval()
+        # the decode scale must serve every member: the largest network side of each axis
+        self.decode_hw = tuple(max(s.size_hw[i] for s in member_settings) for i in (0, 1))
 
     def name(self):
         return Path(self.path).name if len(self.members) == 1 else \
@@ -259,26 +272,50 @@ class Predictor:
     def describe(self):
         return describe(self.members)
 
+    @torch.inference_mode()
+    def probability(self, image, hw=None):
+        """(H, W) float32 numpy map of a decoded uint8 (H, W, 3) image, or at `hw`."""
+        with autocast(self.device, self.compute.mixed):
+            prob = self.module(torch.from_numpy(np.ascontiguousarray(image)).to(self.device),
+                               hw)
+        return prob.float().cpu().numpy()
+
+    def image(self, image_path, exif=True, hw=None):
+        """Probability map at the image's size as read (or at `hw`): a JPEG decoded at the
+        reduced scale that still serves every member (preprocess.read_image), the map made
+        at the size in its header."""
+        image = preprocess.read_image(image_path, min_hw=self.decode_hw, exif=exif)
+        if hw is None:
+            info = preprocess.image_info(image_path)
+            hw = (info["height"], info["width"])
+            if not exif and info["orientation"] in (5, 6, 7, 8):
+                hw = hw[::-1]
+        return self.probability(image, hw)
+
+    @torch.inference_mode()
     def batch(self, images, pairs):
-        """A map per image of the loader's batch of `pairs`, for preprocess.prob_to_original:
-        the members' mean at network size when every member shares the first one's input
-        settings (the mean and the linear resize commute), else a tuple of each member's map
-        at its own size, averaged once each is resized to the original size, as image() does."""
+        """A map per image of the loader's batch of `pairs` (already at the first member's
+        network size, by training's resize), for preprocess.prob_to_original: the members'
+        mean at network size when every member shares the first one's input settings (the
+        mean and the linear resize commute), else a tuple of each member's map at its own
+        size, averaged once each is resized to the original size."""
         per_member, shared = [], True
-        for model, ckpt, _ in self.members:
+        for index, (_, ckpt, _) in enumerate(self.members):
             settings = input_settings(ckpt)
             shared = shared and settings == self.settings
             x = images if settings == self.settings else torch.cat(
                 [preprocess.eval_input(p.image, settings, p.exif)[0] for p in pairs])
-            per_member.append(predict_batch(model, x, self.compute, self.tta))
+            with autocast(self.device, self.compute.mixed):
+                probs = self.module.network_probability(index, x.to(self.device))
+            per_member.append(probs.float().cpu().numpy())
         if shared:
             return list(np.mean(per_member, axis=0))
         return list(zip(*per_member))
 
-    def image(self, image_path, exif=True, hw=None):
-        maps = [predict(model, ckpt, image_path, self.compute, exif, hw, self.tta)
-                for model, ckpt, _ in self.members]
-        return maps[0] if len(maps) == 1 else np.mean(maps, axis=0)
+
+def predict(model, ckpt, image_path, compute, exif=True, hw=None, tta="none"):
+    """Probability map (float32) of one image by one checkpoint (Predictor.image)."""
+    return Predictor([(model, ckpt, "checkpoint")], compute, tta).image(image_path, exif, hw)
 
 
 def load_predictor(paths, model_dir, compute, tta="none"):

@@ -9,9 +9,18 @@ From the table and the constants' values, `add_flags` makes the flags (default: 
 value, help: the table's text), `parse` tells which settings the command line gave, `recipe`
 is what a checkpoint records, and `resume_conflicts` / `take_saved` are the resume check. No
 source file is read: adding a setting is its constant, its row and its use.
+
+`--print-settings` (every script has it) prints the table with the constants' values as JSON
+(`describe`): the one place the benchmarks and checkpoint.py read train_model.py's defaults
+and older-record values from, without importing a script (`read_script`). `markdown` writes
+the tables of docs/settings.md: `python settings.py` rewrites that part of the file.
 """
 import argparse
+import json
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 # How a saved run treats a setting:
 FIXED = "fixed"        # part of the run: recorded in every checkpoint; --resume takes it from
@@ -40,6 +49,8 @@ class Setting:
     older: object = IN_EVERY_RECORD  # a recorded setting added later: the value a record
     #                        written before it existed stands for (the behaviour the code had
     #                        then), never today's default
+    shown: str = None       # the default as docs/settings.md words it, where the value
+    #                        depends on the machine (WORKERS)
 
     @property
     def option(self):
@@ -78,6 +89,59 @@ def add_flags(parser, table, values):
         if s.choices is not None:
             options["choices"] = s.choices
         parser.add_argument(s.option, **options)
+    parser.add_argument("--print-settings", action=PrintSettings, table=table, values=values,
+                        help="print every setting (value, flag, role, help) as JSON and exit")
+
+
+class PrintSettings(argparse.Action):
+    """--print-settings: `describe` of the script's table, as JSON on stdout."""
+
+    def __init__(self, option_strings, dest, table=(), values=None, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.table, self.values = table, values
+
+    def __call__(self, parser, namespace, given, option_string=None):
+        print(json.dumps(describe(self.table, self.values), indent=1))
+        parser.exit()
+
+
+def describe(table, values):
+    """{NAME: {value, option, key, role, help[, older][, choices]}} of a script's settings,
+    plain JSON values; "older" only where a record may predate the setting."""
+    out = {}
+    for s in table:
+        row = {"value": plain(values[s.name]), "option": s.option, "key": s.key,
+               "role": s.role, "help": s.help}
+        if s.older is not IN_EVERY_RECORD:
+            row["older"] = plain(s.older)
+        if s.choices is not None:
+            row["choices"] = list(s.choices)
+        if s.shown is not None:
+            row["shown"] = s.shown
+        out[s.name] = row
+    return out
+
+
+def read_script(script):
+    """`describe` of a script's settings, read by running `python SCRIPT --print-settings` (a
+    script is never imported by another file of the project)."""
+    out = subprocess.run([sys.executable, str(script), "--print-settings"], capture_output=True,
+                         text=True, cwd=Path(script).parent)
+    if out.returncode != 0:
+        raise SettingError(f"{script} --print-settings failed: "
+                           f"{(out.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(out.stdout)
+
+
+def defaults(described):
+    """{NAME: value} of `describe`'s output, tuples as the constants hold them."""
+    return {name: as_setting(row["value"]) for name, row in described.items()}
+
+
+def older_values(table):
+    """{key: older-record value} of the recorded settings a record may predate."""
+    return {s.key: s.older for s in table
+            if s.role != MACHINE and s.older is not IN_EVERY_RECORD}
 
 
 def default_text(value):
@@ -133,3 +197,60 @@ def take_saved(table, saved, args, given):
                 setattr(args, s.key, as_setting(saved[s.key]))
             elif s.older is not IN_EVERY_RECORD:
                 setattr(args, s.key, as_setting(s.older))
+
+
+# ----------------------------------------------------------------------------- docs/settings.md
+
+DOC = Path(__file__).with_name("docs") / "settings.md"
+DOC_SCRIPTS = ("train_model.py", "test_model.py", "export_model.py")
+DOC_MARK = "## Every setting"  # what follows it in docs/settings.md is written by `markdown`
+
+
+def markdown(described):
+    """The "Every setting" part of docs/settings.md: one table per script, from
+    {script name: describe(...)}."""
+    lines = [DOC_MARK, "", "Written by `python settings.py` from the scripts' `SETTINGS` tables "
+             "(a test checks that it is current).", ""]
+    for script, rows in described.items():
+        recorded = any(row["role"] != MACHINE for row in rows.values())
+        head = ["constant", "flag", "default"] + (["on resume", "older record"] if recorded
+                                                  else []) + ["what it does"]
+        lines += [f"### `{script}`", "", "| " + " | ".join(head) + " |",
+                  "|" + " --- |" * len(head)]
+        for name, row in rows.items():
+            cells = [f"`{name}`", f"`{flag_text(row)}`", f"`{shown_default(row)}`"]
+            if recorded:
+                older = ("-" if row["role"] == MACHINE else
+                         f"`{shown_value(row['older'])}`" if "older" in row else "every record")
+                cells += [row["role"], older]
+            lines.append("| " + " | ".join(cells + [row["help"].replace("|", "\\|")]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def flag_text(row):
+    if isinstance(row["value"], bool):
+        return f"{row['option']} / --no-{row['option'][2:]}"
+    return row["option"]
+
+
+def shown_value(value):
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def shown_default(row):
+    return row.get("shown") or shown_value(row["value"])
+
+
+def write_doc(path=DOC):
+    """Rewrite the tables of docs/settings.md from the scripts' --print-settings."""
+    text = Path(path).read_text()
+    head = text[:text.index(DOC_MARK)]
+    tables = markdown({name: read_script(Path(path).parent.parent / name)
+                       for name in DOC_SCRIPTS})
+    Path(path).write_text(head + tables)
+    return path
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_doc()}")

@@ -118,7 +118,8 @@ SETTINGS = [
     Setting("THRESHOLD", "probability at or above which a pixel is lesion", FIXED),
     Setting("SEED", "seed of the model's start, the shuffling and the augmentation, and of the "
             "split the first time (then the split file wins)", FIXED),
-    Setting("WORKERS", "loader processes decoding images beside the model"),
+    Setting("WORKERS", "loader processes decoding images beside the model",
+            shown="cores - 1, at most 8"),
     Setting("DEVICE", '"auto" (CUDA when present), "cuda" or "cpu"',
             choices=device_lib.DEVICES),
     Setting("CACHE", "decode and resize each image once, then read the small copy"),
@@ -319,7 +320,8 @@ def find_resume_state(args):
 def load_resume_state(path, args):
     """The saved state of an interrupted run; the run's settings are taken from it, and a flag
     given beside --resume that differs from them is refused (every one named)."""
-    state = checkpoint.load_checkpoint(path)
+    # a setting the state predates: its older-record value, named once (never today's default)
+    state = checkpoint.load_checkpoint(path, older=settings_lib.older_values(SETTINGS))
     missing = [k for k in ("epoch", "best_iou", "optimizer_state", "history", "iter_log")
                if k not in state]
     if missing:
@@ -659,11 +661,18 @@ def record_epoch(run, epoch, lr, trained, valid, seconds):
         progress.best_iou = valid["iou"]
     if not main_process():  # the same numbers everywhere; one process writes them
         return
-    if improved:
-        checkpoint.save_checkpoint(checkpoint.make_checkpoint(
-            engine.evaluated(run.trainer).model, run.record, epoch, valid["iou"]),
-            paths["best"])
-    checkpoint.save_checkpoint(resume_state(run, epoch, valid["iou"]), paths["last"])
+    try:  # the best model first: a resume state never counts a best model that is not there
+        if improved:
+            checkpoint.save_checkpoint(checkpoint.make_checkpoint(
+                engine.evaluated(run.trainer).model, run.record, epoch, valid["iou"]),
+                paths["best"])
+        checkpoint.save_checkpoint(resume_state(run, epoch, valid["iou"]), paths["last"])
+    except checkpoint.SaveError as exc:
+        held = checkpoint.checkpoint_fields(paths["last"], ("epoch",)).get("epoch")
+        raise checkpoint.SaveError(
+            f"{exc}. Stopped at epoch {epoch}: " + (
+                f"free some space, then --resume continues after epoch {held}" if held else
+                "no epoch is saved yet")) from None
     preprocess.write_csv(paths["log"], progress.rows, LOG_COLUMNS)
     plot_curves(progress.rows, progress.iter_log, paths["curves"], title(run.args))
     print(f"{epoch:>5} {lr:>8.0e} {trained.loss:>10.4f} {valid['loss']:>10.4f} "

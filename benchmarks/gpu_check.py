@@ -2,7 +2,7 @@
 the cached loader's images/s with its default workers, whether the loader keeps up, and how
 much longer validation at each image's original size takes than at network size.
 
-    python benchmarks/gpu_check.py               # on a CUDA machine: 1 to 3 minutes
+    python benchmarks/gpu_check.py               # on a CUDA machine
     python benchmarks/gpu_check.py --cpu-smoke   # the same code path, shrunk, on a CPU
 
 With no CUDA device it shrinks itself to the CPU smoke run and says so. The training step and
@@ -10,7 +10,8 @@ validation timed are the project's own (engine.train_one_epoch and engine.valida
 benchmarks/pipeline.py's train_steps and measure_validation), with train_model.py's default
 run (the block of constants in benchmarks/pipeline.py, which these measures use) and the
 project's loaders (load_dataset.make_loader), on generated images in a temporary folder.
-The last line is one JSON object; docs/speed.md shows a run.
+The last line is one JSON object. No run on a GPU has been recorded yet, so neither its
+figures nor how long it takes are known; docs/speed.md says how to run it.
 """
 import argparse
 import json
@@ -25,8 +26,7 @@ import torch
 
 # benchmarks/pipeline.py, beside this file; importing it puts the repository on sys.path.
 # Its block of constants is train_model.py's default run: what this check measures on a GPU.
-from pipeline import (ARCH, BATCH_SIZE, CHANNELS_LAST, CUDNN_BENCHMARK, ENCODER, IMAGE_SIZE,
-                      MIXED_PRECISION, SIZE_CYCLE, WORKERS, ImageSet, Precision, build_cache,
+from pipeline import (SIZE_CYCLE, TRAIN, ImageSet, Precision, build_cache,
                       make_train_loader, measure_validation, new_training, next_epoch,
                       timed_pass, train_steps, write_set)
 
@@ -35,8 +35,8 @@ import engine  # noqa: E402
 
 # valid_images: the ISIC-size mix of the validation measure (two cycles of pipeline's mix);
 # valid_encoder: the same model as pipeline.py's validation measure
-GPU = dict(encoder=ENCODER, size=IMAGE_SIZE, batch=BATCH_SIZE, steps=60, warmup=10,
-           images=768, source=(1024, 768), loader_seconds=8.0,
+GPU = dict(encoder=TRAIN.ENCODER, size=TRAIN.IMAGE_SIZE, batch=TRAIN.BATCH_SIZE, steps=60,
+           warmup=10, images=768, source=(1024, 768), loader_seconds=8.0,
            valid_images=SIZE_CYCLE * 2, valid_encoder="resnet18", valid_rounds=4)
 CPU_SMOKE = dict(encoder="resnet18", size=(128, 128), batch=4, steps=3, warmup=1, images=24,
                  source=(640, 480), loader_seconds=2.0,
@@ -52,7 +52,7 @@ def parse_args(argv=None):
                    help="default 320 320 on GPU")
     p.add_argument("--batch", type=int, default=None, help=f"default {GPU['batch']} on GPU")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per mode")
-    p.add_argument("--workers", type=int, default=WORKERS,
+    p.add_argument("--workers", type=int, default=TRAIN.WORKERS,
                    help="loader workers (default WORKERS, train_model.py's)")
     return p.parse_args(argv)
 
@@ -60,8 +60,8 @@ def parse_args(argv=None):
 def setup(args):
     """(config, Precision), with one line saying what runs where. The device and cuDNN are
     set up as train_model.py sets them up (device.prepare)."""
-    compute = device_lib.prepare("cpu" if args.cpu_smoke else "auto", MIXED_PRECISION,
-                                 CHANNELS_LAST, CUDNN_BENCHMARK)
+    compute = device_lib.prepare("cpu" if args.cpu_smoke else "auto", TRAIN.MIXED_PRECISION,
+                                 TRAIN.CHANNELS_LAST, TRAIN.CUDNN_BENCHMARK)
     cuda = compute.device.type == "cuda"
     cfg = dict(GPU if cuda else CPU_SMOKE)
     for key in ("encoder", "batch", "steps"):
@@ -72,14 +72,16 @@ def setup(args):
         name = torch.cuda.get_device_name()
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16 + GradScaler"
         print(f"GPU check on {name}, torch {torch.__version__}, mixed precision = {dtype}, "
-              f"cudnn.benchmark = {CUDNN_BENCHMARK}, float32 convolutions may use "
+              f"cudnn.benchmark = {TRAIN.CUDNN_BENCHMARK}, float32 convolutions may use "
               f"TF32 (torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32})")
     else:
         why = "--cpu-smoke" if args.cpu_smoke else "no CUDA device"
+        line = device_lib.precision_line(compute.device, TRAIN.MIXED_PRECISION,
+                                         TRAIN.CHANNELS_LAST)
         print(f"CPU SMOKE RUN ({why}): shrunk to {cfg['encoder']} at {cfg['size'][0]}x"
               f"{cfg['size'][1]}, batch {cfg['batch']}, {cfg['steps']} steps; this checks the "
               f"code path only, the figures are not GPU figures (the CPU computes in "
-              f"{device_lib.precision_line(compute.device, MIXED_PRECISION, CHANNELS_LAST)}, "
+              f"{line}, "
               f"as in train_model.py)")
     return cfg, Precision.of(compute)
 
@@ -143,15 +145,15 @@ def report(cfg, args, r, v, precision, started):
     amp_name = "mixed precision + channels_last" if cuda else \
         f"train_model.py's precision on this CPU ({'bf16' if precision.mixed else 'float32'})"
     rows = [
-        (f"training {cfg['encoder']} {ARCH} {h}x{w}, batch {cfg['batch']}, float32",
+        (f"training {cfg['encoder']} {TRAIN.ARCH} {h}x{w}, batch {cfg['batch']}, float32",
          r["fp32_ips"],
          f"peak {r['fp32_mem']:.0f} MB" if cuda else ""),
         (f"training, {amp_name}", r["amp_ips"], f"peak {r['amp_mem']:.0f} MB" if cuda else ""),
         (f"loader from the cache, {args.workers} workers"
-         f"{' (train_model.py WORKERS)' if args.workers == WORKERS else ''}, augment",
+         f"{' (train_model.py WORKERS)' if args.workers == TRAIN.WORKERS else ''}, augment",
          r["loader_ips"], f"cache built at {r['pairs'] / r['build']:.0f} images/s"),
         ("full pipeline: cached loader + the mixed/channels_last step", r["pipe_ips"], ""),
-        (f"validation {cfg['valid_encoder']} {ARCH} {h}x{w} at network size (+ loss, "
+        (f"validation {cfg['valid_encoder']} {TRAIN.ARCH} {h}x{w} at network size (+ loss, "
          f"batch_confusion)", v["network_ips"], f"{v['network_s']:.2f} s"),
         ("validation at original size (engine.validate's loop)", v["original_ips"],
          f"{v['original_s']:.2f} s, {v['images']} ISIC-size images"),

@@ -1,21 +1,27 @@
-"""End-to-end speed of an exported model: onnxruntime against PyTorch as test_model.py runs it.
+"""End-to-end speed of exported models on the CPU: the float32 and the int8 graph of
+export_model.py against PyTorch as test_model.py runs it (bfloat16 with channels_last on a CPU
+with native bf16), per image size.
 
-    python benchmarks/onnx_speed.py                                   # ENCODER at IMAGE_SIZE
-    python benchmarks/onnx_speed.py --encoder resnet18 --image-size 96 96   # the demo's model
-    python benchmarks/onnx_speed.py --checkpoint Model/demo/demo_fpn_resnet18.pth --tta flips
+    OMP_NUM_THREADS=1 python benchmarks/onnx_speed.py                # both models, 5 rounds
+    python benchmarks/onnx_speed.py --models recipe --recipe-checkpoint Model/fpn_resnet18.pth
 
-Each generated ISIC-sized JPEG (as benchmarks/pipeline.py writes them) is decoded once; then
-both ways are timed from the decoded uint8 image to the mask at the image's size: PyTorch
-through the functions of the modules test_model.py runs (preprocess.resize_pair's cv2 area
-resize, preprocess.to_tensor's normalisation, predict.predict_batch's network and views,
-preprocess.prob_to_original's linear resize back, preprocess.binarise, the 0/255 mask) and
-the single ONNX graph that `python export_model.py` writes (run as a subprocess, as a user
-runs it; its time includes Python's start-up). Every round times every image once each way,
-in alternating order; the figures are images per second per round, their median and spread
-(min to max), and the ratio. The untrained network (no checkpoint given) runs as fast as a
-trained one. docs/speed.md and docs/deployment.md show a run.
+Models: "default", the paper's default run (se_resnext50_32x4d at 320x320), and "recipe", the
+CPU recipe's resnet18 at 128x128, untrained unless --recipe-checkpoint names a trained one
+(speed does not depend on the weights). Each is exported by `python export_model.py --int8`
+(calibrated on --data's training split; the int8 file's metadata holds its measured
+difference from the float32 graph on the validation split, printed beside the speed; an
+untrained network's masks mean nothing, so only its share of differing mask pixels counts).
+Each generated ISIC-sized JPEG (as benchmarks/pipeline.py writes them) is decoded once as
+test_model.py decodes it, at the reduced scale (1/2 to 1/8) whose sides still cover the network
+size (--full-decode: whole); every round times every image once each way, from that decoded
+uint8 image to the 0/255 mask at the size in the JPEG's header (the graphs' output_size), the
+three ways in an order that turns from round to round. The figures are
+images per second per size (median over rounds) and the ratios to PyTorch per round, their
+median and spread (min to max). Shared machines are noisy: the load average is printed.
+docs/speed.md shows a run.
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -30,67 +36,80 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import device as device_lib  # noqa: E402
+import onnx_format  # noqa: E402
 import pipeline  # noqa: E402  (its JPEG generator and untrained checkpoint)
 import predict  # noqa: E402
 import preprocess  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
-# train_model.py's default run: the network timed unless --checkpoint names one (the same
-# names and values as train_model.py's constants; test_model.py's MIXED_PRECISION and
-# CHANNELS_LAST, which --pytorch default runs in, are the same as train_model.py's)
-ENCODER = "se_resnext50_32x4d"
-IMAGE_SIZE = (320, 320)  # (height, width)
-MIXED_PRECISION = True
-CHANNELS_LAST = True
-
+# train_model.py's default run (pipeline.TRAIN, from `train_model.py --print-settings`)
+TRAIN = pipeline.TRAIN
+MODELS = {"default": (TRAIN.ENCODER, TRAIN.IMAGE_SIZE),  # train_model.py's defaults
+          "recipe": ("resnet18", (128, 128))}           # the CPU recipe (docs/results.md)
+# training images for the int8 calibration
+DATA = str(REPO.parent / "shared" / "data" / "isic2018_task1_sample")
 SIZES = [(1024, 768), (2048, 1536), (3008, 2000), (4000, 3000)]  # (width, height) JPEGs
-ROUNDS = 5  # each round times every image once with each runtime
+ROUNDS = 5  # each round times every image once each way
 IMAGES_SEED = 0  # of the generated images
+WAYS = ("pytorch", "float32", "int8")
+GOAL = 1.5  # a graph at least this many times PyTorch's images/s at every size
 
 
-def untrained_checkpoint(folder, encoder, size_hw):
-    """A checkpoint of an untrained network (speed does not depend on the weights)."""
-    path = Path(folder) / f"{encoder}.pth"
-    pipeline.untrained_checkpoint(path, encoder, size_hw)
-    return path
-
-
-def decoded_images(folder):
-    """The generated JPEGs, each decoded whole once (the timed ways start from these)."""
+def generated_jpegs(folder):
+    """The generated ISIC-sized JPEGs, (path, (height, width)) each."""
     tasks = [(w, h, Path(folder) / f"ISIC_{i:07d}.jpg", Path(folder) / f"ISIC_{i:07d}_m.png",
               [IMAGES_SEED, i]) for i, (w, h) in enumerate(SIZES)]
     for task in tasks:
         pipeline._write_pair(task)
-    return [preprocess.read_image(task[2]) for task in tasks]
+    return [(task[2], (task[1], task[0])) for task in tasks]
 
 
-def pytorch_mask(members, image, tta, threshold, compute):
-    """The 0/255 mask test_model.py writes (metrics.predicted_mask, evaluate.to_png_mask)."""
-    prob = predict.decoded_probability(members, image, compute, tta)
-    return np.where(preprocess.binarise(prob, threshold), 255, 0).astype(np.uint8)
+def decoded(jpegs, decode_hw, full):
+    """[(uint8 image, (height, width) of the outputs)]: each JPEG decoded once, as
+    test_model.py decodes it (at the reduced scale the network size allows, the outputs at
+    the size in its header), or whole with `full`."""
+    return [(preprocess.read_image(path, min_hw=None if full else decode_hw), hw)
+            for path, hw in jpegs]
 
 
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def checkpoint_of(name, args, folder):
+    """The checkpoint to time: --recipe-checkpoint for "recipe" where given, else an
+    untrained network whose record names --data (for the calibration)."""
+    if name == "recipe" and args.recipe_checkpoint:
+        return Path(args.recipe_checkpoint), True
+    encoder, size = MODELS[name]
+    path = Path(folder) / f"{name}.pth"
+    _, ckpt = pipeline.untrained_checkpoint(None, encoder, size)
+    ckpt["settings"]["data"] = str(Path(args.data).resolve())
+    torch.save(ckpt, path)
+    return path, False
 
 
-def measure(members, session, images, tta, rounds, precision):
-    """Seconds [round][image] for each runtime; alternating which goes first. `precision`:
-    (threshold, device.Compute) of the PyTorch path."""
-    threshold, compute = precision
-    ways = {"pytorch": lambda im: pytorch_mask(members, im, tta, threshold, compute),
-            "onnxruntime": lambda im: session.run(["mask"], {"image": im})[0]}
+def export(path, out, trained):
+    """`python export_model.py --int8` of one checkpoint; an untrained network's int8 file is
+    kept whatever its IoU (it has none worth keeping)."""
+    cmd = [sys.executable, str(REPO / "export_model.py"), "--checkpoint", str(path), "--out",
+           str(out), "--int8"] + ([] if trained else ["--int8-max-iou-loss", "1"])
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if done.returncode:
+        sys.exit(f"export_model.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return out, out.with_name(out.stem + "_int8.onnx")
+
+
+def measure(ways, images, rounds):
+    """Seconds [round][image] of each way; the order of the ways turns each round."""
     for fn in ways.values():  # warm up: first calls allocate and pick kernels
-        fn(images[0])
+        fn(*images[0])
     seconds = {name: np.zeros((rounds, len(images))) for name in ways}
+    names = list(ways)
     for r in range(rounds):
-        order = list(ways) if r % 2 == 0 else list(ways)[::-1]
+        order = names[r % len(names):] + names[:r % len(names)]
         for i, image in enumerate(images):
             for name in order:
-                seconds[name][r, i] = timed(lambda: ways[name](image))
+                start = time.perf_counter()
+                ways[name](*image)
+                seconds[name][r, i] = time.perf_counter() - start
     return seconds
 
 
@@ -99,107 +118,83 @@ def spread(values, digits=2):
             f"{np.max(values):.{digits}f})")
 
 
-def report(seconds, images, header):
-    per_round = {name: len(images) / s.sum(axis=1) for name, s in seconds.items()}
-    ratio = per_round["onnxruntime"] / per_round["pytorch"]
-    lines = header + [
-        "images/s per round, median (min to max):",
-        f"  PyTorch      {spread(per_round['pytorch'])}",
-        f"  onnxruntime  {spread(per_round['onnxruntime'])}",
-        f"  ratio onnxruntime / PyTorch  {spread(ratio)}",
-        "seconds per image by size, median over rounds (PyTorch, onnxruntime, ratio):"]
-    for i, image in enumerate(images):
-        a = np.median(seconds["pytorch"][:, i])
-        b = np.median(seconds["onnxruntime"][:, i])
-        lines.append(f"  {image.shape[1]}x{image.shape[0]}  {a:.3f} s  {b:.3f} s  "
-                     f"{a / b:.2f}x")
-    return lines, float(np.median(ratio))
+def report(seconds, images):
+    """(lines, {graph: worst per-size median ratio}): per size the median images/s of each
+    way and the graphs' ratios to PyTorch (median and spread over rounds)."""
+    lines, worst = [], {}
+    for i, (image, hw) in enumerate(images):
+        rate = {name: 1.0 / seconds[name][:, i] for name in seconds}
+        ratios = {name: rate[name] / rate["pytorch"] for name in seconds if name != "pytorch"}
+        for name, ratio in ratios.items():
+            worst[name] = min(worst.get(name, np.inf), float(np.median(ratio)))
+        lines.append(f"  {hw[1]}x{hw[0]}  " + "  ".join(
+            f"{name} {np.median(rate[name]):.2f}/s" for name in seconds) + "  |  " + "  ".join(
+            f"{name}/pytorch {spread(ratio)}" for name, ratio in ratios.items()))
+    return lines, worst
+
+
+def time_model(name, args, tmp, jpegs):
+    """The lines of one model: export, timing, the int8 check."""
+    path, trained = checkpoint_of(name, args, tmp)
+    float_path, int8_path = export(path, Path(tmp) / f"{name}.onnx", trained)
+    compute = device_lib.Compute(torch.device("cpu"), TRAIN.MIXED_PRECISION,
+                                 TRAIN.CHANNELS_LAST)  # as test_model.py runs
+    predictor = predict.load_predictor([str(path)], None, compute)
+    threshold = float(predictor.ckpt["settings"]["threshold"])
+    images = decoded(jpegs, predictor.decode_hw, args.full_decode)
+    sessions = {"float32": predict.onnx_session(float_path),
+                "int8": predict.onnx_session(int8_path)}
+    ways = {"pytorch": lambda im, hw: np.where(preprocess.binarise(
+        predictor.probability(im, hw), threshold), 255, 0).astype(np.uint8)}
+    ways.update({k: (lambda s: lambda im, hw: s.run(["mask"], {
+        "image": im, "output_size": np.array(hw, np.int64)})[0])(s)
+        for k, s in sessions.items()})
+    seconds = measure(ways, images, args.rounds)
+    lines, worst = report(seconds, images)
+    check = json.loads(onnx_format.read_metadata(int8_path)["int8_check"])
+    s = predictor.ckpt["settings"]
+    head = (f"{s['arch']} {s['encoder']} at {s['image_size'][0]}x{s['image_size'][1]} "
+            f"({'trained: ' + str(path) if trained else 'untrained'}); int8 vs float32 on "
+            f"{check['images']} validation images: {check['mask_pixels_differing']:.3%} of mask "
+            f"pixels differ" + (f", IoU {check['iou_float32']:.4f} -> {check['iou_int8']:.4f}, "
+                                f"thresholded Jaccard {-check['threshold_jaccard_loss']:+.4f}"
+                                if trained else ""))
+    best = max(worst, key=worst.get)
+    goal = (f"  goal: a graph >= {GOAL}x PyTorch at every size: "
+            f"{'met' if worst[best] >= GOAL else 'not met'} ({best}, worst size "
+            f"{worst[best]:.2f}x)")
+    return [head] + lines + [goal]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", nargs="+", default=None,
-                   help="checkpoint(s) to export and time; default: an untrained --encoder")
-    p.add_argument("--encoder", default=ENCODER)
-    p.add_argument("--image-size", type=int, nargs=2, default=IMAGE_SIZE,
-                   metavar=("H", "W"))
-    p.add_argument("--tta", default="none", choices=predict.TTA_MODES,
-                   help="test-time views (export_model.py says which the graph can hold)")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--recipe-checkpoint", help="a trained checkpoint of the CPU recipe")
+    p.add_argument("--data", default=DATA, help="images for the int8 calibration and check")
     p.add_argument("--rounds", type=int, default=ROUNDS)
-    p.add_argument("--pytorch", choices=("float32", "default"), default="float32",
-                   help="PyTorch in float32, as the graph computes, or in test_model.py's "
-                        "precision on this machine (bfloat16 with channels_last on a CPU "
-                        "with native bf16)")
+    p.add_argument("--full-decode", action="store_true",
+                   help="decode each JPEG whole, not at test_model.py's reduced scale")
     return p.parse_args(argv)
-
-
-def export(paths, tta, out):
-    """Seconds of `python export_model.py` writing the ONNX file of `paths` to `out`."""
-    cmd = [sys.executable, str(REPO / "export_model.py"), "--checkpoint", *map(str, paths),
-           "--tta", tta, "--out", str(out)]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if done.returncode:
-        sys.exit(f"export_model.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return time.perf_counter() - started
-
-
-def pytorch_compute(choice):
-    """The device.Compute of the PyTorch path: float32 (as the graph computes), or
-    test_model.py's default precision on this CPU."""
-    cpu = torch.device("cpu")
-    if choice == "default":
-        return device_lib.Compute(cpu, MIXED_PRECISION, CHANNELS_LAST)
-    return device_lib.Compute(cpu)
-
-
-def run(args, tmp):
-    """(members, images, seconds, export seconds, largest probability difference)."""
-    paths = args.checkpoint or [untrained_checkpoint(tmp, args.encoder,
-                                                     tuple(args.image_size))]
-    out = Path(tmp) / "model.onnx"
-    export_s = export(paths, args.tta, out)
-    compute = pytorch_compute(args.pytorch)
-    # in channels_last where the Compute uses it, as predict.load_model places the model
-    members = predict.load_predictor(list(map(str, paths)), None, compute).members
-    session = predict.onnx_session(out)  # as many threads as torch
-    threshold = float(members[0][1]["settings"]["threshold"])
-    images = decoded_images(tmp)
-    seconds = measure(members, session, images, args.tta, args.rounds, (threshold, compute))
-    worst = max(float(np.abs(session.run(["probability"], {"image": im})[0]
-                             - predict.decoded_probability(members, im, compute, args.tta)).max())
-                for im in images)
-    return members, images, seconds, export_s, worst
 
 
 def main(argv=None):
     import onnxruntime as ort
-
     args = parse_args(argv)
-    load_start = os.getloadavg()
+    load = os.getloadavg()[0]
+    lines = [f"CPU, {os.cpu_count()} cores; torch {torch.__version__} with "
+             f"{torch.get_num_threads()} threads, PyTorch in "
+             f"{device_lib.precision_line(torch.device('cpu'), True, True)}; onnxruntime "
+             f"{ort.__version__} with as many threads; {args.rounds} rounds; JPEGs decoded "
+             f"{'whole' if args.full_decode else 'as test_model.py decodes them'}; images/s "
+             f"per size "
+             f"(median over rounds), ratio to PyTorch per round: median (min to max)"]
     with tempfile.TemporaryDirectory(prefix="onnx-speed-") as tmp:
-        members, images, seconds, export_s, worst = run(args, tmp)
-    compute = pytorch_compute(args.pytorch)
-    runs = [c["settings"] for _, c, _ in members]
-    size = runs[0]["image_size"]
-    precision = device_lib.precision_line(compute.device, compute.mixed_precision,
-                                          compute.channels_last_setting)
-    header = [
-        f"{', '.join(r['arch'] + ' ' + r['encoder'] for r in runs)} at {size[0]}x{size[1]}, "
-        f"views {args.tta}, PyTorch in {precision}, onnxruntime in float32, on the CPU "
-        f"({os.cpu_count()} cores; torch "
-        f"{torch.__version__} with {torch.get_num_threads()} threads, onnxruntime "
-        f"{ort.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})",
-        f"{len(images)} decoded JPEGs ({', '.join(f'{w}x{h}' for w, h in SIZES)}), "
-        f"{args.rounds} rounds; export (python export_model.py, start-up included) took "
-        f"{export_s:.0f} s",
-        f"largest probability difference between the two on these images: {worst:.1e}",
-        f"load average (1 min) {load_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} "
-        f"at the end"]
-    lines, ratio = report(seconds, images, header)
-    lines.append(f"goal onnxruntime >= 1.5x PyTorch: {'met' if ratio >= 1.5 else 'not met'} "
-                 f"(median ratio {ratio:.2f})")
-    print("\n".join(lines))
+        jpegs = generated_jpegs(tmp)
+        for name in args.models:
+            lines += time_model(name, args, tmp, jpegs)
+            print("\n".join(lines), flush=True)
+            lines = []
+    print(f"load average (1 min) {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     return 0
 
 

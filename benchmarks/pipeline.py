@@ -44,6 +44,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -60,25 +61,13 @@ import metrics  # noqa: E402
 import model as model_lib  # noqa: E402
 import predict  # noqa: E402
 import preprocess  # noqa: E402
+import settings  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
-# train_model.py's default run: what the benchmarks measure unless a flag says otherwise
-# (the same names and values as train_model.py's constants; a test compares them)
-ARCH = "FPN"
-ENCODER = "se_resnext50_32x4d"
-ENCODER_DEPTH = 5
-IMAGE_SIZE = (320, 320)            # (height, width)
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-BATCH_SIZE = 8
-LR = 1e-4
-LOSS = "dice"
-THRESHOLD = 0.5
-SEED = 42
-WORKERS = min(8, max(1, (os.cpu_count() or 1) - 1))  # one core left to the model
-MIXED_PRECISION = True
-CHANNELS_LAST = True
-CUDNN_BENCHMARK = True
+# train_model.py's default run: what the benchmarks measure unless a flag says otherwise,
+# read from the one place it is set (`python train_model.py --print-settings`): TRAIN.ARCH,
+# TRAIN.ENCODER, TRAIN.IMAGE_SIZE, ... are train_model.py's constants
+TRAIN = SimpleNamespace(**settings.defaults(settings.read_script(REPO / "train_model.py")))
 
 # this benchmark's own CPU-sized training measure (the GPU check uses IMAGE_SIZE)
 TRAIN_ENCODER = "resnet18"
@@ -145,8 +134,8 @@ class ImageSet:
     pairs: list
     root: Path
     size: tuple  # network size (height, width)
-    batch: int = BATCH_SIZE
-    workers: int = WORKERS
+    batch: int = TRAIN.BATCH_SIZE
+    workers: int = TRAIN.WORKERS
 
     def subset(self, count):
         return replace(self, pairs=self.pairs[:count])
@@ -160,14 +149,14 @@ def train_cache(root, size):
 def make_train_loader(pairs, root, size, batch, cache, workers, device=CPU):
     """The training loader as train_model.py builds it (augmentation included)."""
     options = load_dataset.LoaderOptions(workers=workers, cache=train_cache(root, size)
-                                         if cache else None, seed=SEED,
+                                         if cache else None, seed=TRAIN.SEED,
                                          pin_memory=device.type == "cuda")
     return load_dataset.make_loader(pairs, input_settings(size), batch, options, train=True)
 
 
 def input_settings(size):
     """preprocess.InputSettings of a training run at `size` with train_model.py's MEAN, STD."""
-    return preprocess.InputSettings(tuple(size), preprocess.INTERPOLATION, MEAN, STD)
+    return preprocess.InputSettings(tuple(size), preprocess.INTERPOLATION, TRAIN.MEAN, TRAIN.STD)
 
 
 def data_loader(data, cache=True, device=CPU):
@@ -215,7 +204,7 @@ class Precision:
 
 def default_precision(device=CPU):
     """Precision of train_model.py's MIXED_PRECISION and CHANNELS_LAST on `device`."""
-    return Precision.of(device_lib.Compute(device, MIXED_PRECISION, CHANNELS_LAST))
+    return Precision.of(device_lib.Compute(device, TRAIN.MIXED_PRECISION, TRAIN.CHANNELS_LAST))
 
 
 def new_training(encoder, seed=0, device=CPU):
@@ -223,8 +212,8 @@ def new_training(encoder, seed=0, device=CPU):
     ENCODER_DEPTH, LR, LOSS; engine.make_optimizer), no pretrained weights; the model is moved
     to `device` by the caller."""
     torch.manual_seed(seed)
-    model = model_lib.build_model(encoder, None, ENCODER_DEPTH, ARCH)
-    return model, engine.make_optimizer(model, LR, device), model_lib.make_loss(LOSS)
+    model = model_lib.build_model(encoder, None, TRAIN.ENCODER_DEPTH, TRAIN.ARCH)
+    return model, engine.make_optimizer(model, TRAIN.LR, device), model_lib.make_loss(TRAIN.LOSS)
 
 
 def new_default_training(encoder):
@@ -243,7 +232,7 @@ def train_steps(model, optimizer, loss_fn, batches, steps, precision=Precision()
     """(images, seconds) of engine.train_one_epoch over the next `steps` batches (None
     batches count as steps and train nothing), the step a training run takes."""
     trainer = engine.Trainer(model, loss_fn, precision.device, optimizer, scaler,
-                             precision.mixed, precision.channels_last, THRESHOLD)
+                             precision.mixed, precision.channels_last, TRAIN.THRESHOLD)
     sync(precision.device)
     t0 = time.perf_counter()
     trained = engine.train_one_epoch(trainer, itertools.islice(batches, steps), 1, [],
@@ -257,7 +246,7 @@ def validation_pass(model, loader, loss_fn, precision=Precision(), threads=1):
     each probability map resized to its true mask's size, cut and scored in threads."""
     t0 = time.perf_counter()
     trainer = engine.Trainer(model, loss_fn, precision.device, mixed=precision.mixed,
-                             channels_last=precision.channels_last, threshold=THRESHOLD)
+                             channels_last=precision.channels_last, threshold=TRAIN.THRESHOLD)
     scores = engine.validate(trainer, loader, threads)
     return scores["images"], time.perf_counter() - t0
 
@@ -354,7 +343,7 @@ def network_size_pass(model, loader, loss_fn, precision=Precision()):
             logits = model(device_lib.to_device(batch[0], device,
                                                 precision.channels_last)).float()
         loss_fn(logits, masks).item()
-        counts += metrics.batch_confusion(torch.sigmoid(logits), masks, THRESHOLD).tolist()
+        counts += metrics.batch_confusion(torch.sigmoid(logits), masks, TRAIN.THRESHOLD).tolist()
     sync(device)
     return len(counts), time.perf_counter() - t0
 
@@ -382,10 +371,10 @@ def validation_passes(data, encoder, precision):
     network = load_dataset.make_loader(data.pairs, **common)
     original = load_dataset.make_loader(data.pairs, truth=True, **common)
     torch.manual_seed(0)
-    model = model_lib.build_model(encoder, None, ENCODER_DEPTH, ARCH).to(device)
+    model = model_lib.build_model(encoder, None, TRAIN.ENCODER_DEPTH, TRAIN.ARCH).to(device)
     if precision.channels_last:
         model.to(memory_format=torch.channels_last)
-    loss_fn = model_lib.make_loss(LOSS)
+    loss_fn = model_lib.make_loss(TRAIN.LOSS)
     return {"network": lambda: network_size_pass(model, network, loss_fn, precision),
             "original": lambda: validation_pass(model, original, loss_fn, precision,
                                                 threads=max(1, data.workers))}
@@ -420,17 +409,18 @@ def measure_validation(data, encoder, rounds, precision=Precision()):
 def untrained_settings(encoder, size):
     """The settings record (checkpoint.make_checkpoint's run["settings"]) of an untrained
     network of train_model.py's default run with `encoder` at `size`."""
-    return {"arch": ARCH, "encoder": encoder, "encoder_depth": ENCODER_DEPTH,
-            "image_size": list(size), "mean": list(MEAN), "std": list(STD),
-            "threshold": THRESHOLD, "interpolation": preprocess.INTERPOLATION, "seed": SEED,
-            "lr": LR, "loss": LOSS, "folds": 1, "fold": None, "data": "", "demo": False}
+    return {"arch": TRAIN.ARCH, "encoder": encoder, "encoder_depth": TRAIN.ENCODER_DEPTH,
+            "image_size": list(size), "mean": list(TRAIN.MEAN), "std": list(TRAIN.STD),
+            "threshold": TRAIN.THRESHOLD, "interpolation": preprocess.INTERPOLATION,
+            "seed": TRAIN.SEED, "lr": TRAIN.LR, "loss": TRAIN.LOSS, "folds": 1, "fold": None,
+            "data": "", "demo": False}
 
 
 def untrained_checkpoint(path, encoder, size):
     """(model, checkpoint dict), the checkpoint also written to `path` (None: not written):
     an untrained network (speed does not depend on the weights)."""
-    torch.manual_seed(SEED)
-    model = model_lib.build_model(encoder, None, ENCODER_DEPTH, ARCH).eval()
+    torch.manual_seed(TRAIN.SEED)
+    model = model_lib.build_model(encoder, None, TRAIN.ENCODER_DEPTH, TRAIN.ARCH).eval()
     ckpt = checkpoint.make_checkpoint(model, {"settings": untrained_settings(encoder, size)},
                                       0, None)
     if path is not None:
@@ -451,7 +441,7 @@ def write_png_mask(pred, path):
 def image_stages(path, model, ckpt, trained_like, out):
     """Seconds of read, preprocess, model, write, and predict.predict (read to upsample) for
     one image, as test_model.py --image runs them on the CPU in its default precision."""
-    compute = device_lib.Compute(CPU, MIXED_PRECISION, CHANNELS_LAST)
+    compute = device_lib.Compute(CPU, TRAIN.MIXED_PRECISION, TRAIN.CHANNELS_LAST)
     settings = checkpoint.input_settings(ckpt)
     t0 = time.perf_counter()
     info = preprocess.image_info(path)
@@ -463,7 +453,7 @@ def image_stages(path, model, ckpt, trained_like, out):
     predict.predict_batch(model, tensor, compute)
     t3 = time.perf_counter()
     prob = preprocess.prob_to_original(trained_like, (info["height"], info["width"]))
-    write_png_mask(preprocess.binarise(prob, THRESHOLD), out / "mask_segmentation.png")
+    write_png_mask(preprocess.binarise(prob, TRAIN.THRESHOLD), out / "mask_segmentation.png")
     t4 = time.perf_counter()
     predict.predict(model, ckpt, Path(path), compute)  # a check on the split
     t5 = time.perf_counter()
@@ -502,8 +492,8 @@ def measure_image(path, mask_path, encoder, size, repeats):
     trained_like = cv2.GaussianBlur(cv2.resize(truth, size[::-1], interpolation=cv2.INTER_AREA),
                                     (0, 0), 2)
     try:
-        predict.predict_batch(model, torch.zeros(1, 3, *size),
-                              device_lib.Compute(CPU, MIXED_PRECISION, CHANNELS_LAST))  # warm-up
+        predict.predict_batch(model, torch.zeros(1, 3, *size),  # warm-up
+                              device_lib.Compute(CPU, TRAIN.MIXED_PRECISION, TRAIN.CHANNELS_LAST))
         runs = [image_stages(path, model, ckpt, trained_like, out) for _ in range(repeats)]
         stages = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         stages["script"] = script_seconds(path, out / "untrained.pth", out / "script")
@@ -553,7 +543,7 @@ def flops_per_image(encoder, size, batch):
 def synthetic_batch(size, batch):
     """A batch of images and 0/1 masks of the training format: speed does not depend on the
     pixels, so no files are needed for the precision measure."""
-    g = torch.Generator().manual_seed(SEED)
+    g = torch.Generator().manual_seed(TRAIN.SEED)
     images = torch.randn(batch, 3, *size, generator=g)
     masks = (torch.rand(batch, 1, *size, generator=g) > 0.7).float()
     return images, masks
@@ -758,12 +748,12 @@ def parse_args(argv=None):
                    help="encoder of the training and validation measures")
     p.add_argument("--size", type=int, nargs=2, default=TRAIN_SIZE, metavar=("H", "W"),
                    help="training size (CPU-sized; the GPU check uses IMAGE_SIZE)")
-    p.add_argument("--loader-size", type=int, nargs=2, default=IMAGE_SIZE, metavar=("H", "W"),
+    p.add_argument("--loader-size", type=int, nargs=2, default=TRAIN.IMAGE_SIZE, metavar=("H", "W"),
                    help="working size of the loader and validation measures")
-    p.add_argument("--batch", type=int, default=BATCH_SIZE)
-    p.add_argument("--workers", type=int, default=WORKERS,
+    p.add_argument("--batch", type=int, default=TRAIN.BATCH_SIZE)
+    p.add_argument("--workers", type=int, default=TRAIN.WORKERS,
                    help="loader workers (WORKERS: train_model.py's default)")
-    p.add_argument("--image-encoder", default=ENCODER,
+    p.add_argument("--image-encoder", default=TRAIN.ENCODER,
                    help="encoder of the --image measure (one forward pass)")
     p.add_argument("--mix-images", type=int, default=None,
                    help="ISIC-size images for the loader measures (default 40, quick 20)")
@@ -946,10 +936,10 @@ def header_lines(r, s, args):
         f"pipeline benchmark{' (--quick)' if args.quick else ''}: {cores} CPU cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"loader workers {args.workers}"
-        f"{' (train_model.py WORKERS)' if args.workers == WORKERS else ''}, "
+        f"{' (train_model.py WORKERS)' if args.workers == TRAIN.WORKERS else ''}, "
         f"batch {args.batch}",
         "CPU precision by default: "
-        + device_lib.precision_line(CPU, MIXED_PRECISION, CHANNELS_LAST)
+        + device_lib.precision_line(CPU, TRAIN.MIXED_PRECISION, TRAIN.CHANNELS_LAST)
         + ("" if device_lib.cpu_has_native_bf16() else "; the bf16 rows below run in float32"),
         *sources,
         f"load average {r['load_start']:.1f} at start, {s['load_end']:.1f} at the end; other "
@@ -1008,7 +998,7 @@ def image_lines(r, s, args):
     image, io_total, (ly, lx) = r["image"], s["io_total"], args.loader_size
     return [
         f"test_model --image, {r['largest_mb']:.1f} MB {r['largest_hw']['width']}x"
-        f"{r['largest_hw']['height']} JPEG, {args.image_encoder} {ARCH} at {ly}x{lx}, CPU "
+        f"{r['largest_hw']['height']} JPEG, {args.image_encoder} {TRAIN.ARCH} at {ly}x{lx}, CPU "
         f"(median of {2 if args.quick else 3}):",
         "  " + ", ".join(f"{k} {image[k]:.3f} s" for k in ("read", "preprocess", "model", "write"))
         + f"; model share {image['model'] / io_total:.0%} of {io_total:.2f} s",

@@ -44,7 +44,8 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "isic2018_task1_sample"
 
 # ====================================================================== THE TEXTBOOK RECIPE
 # What a segmentation-models-pytorch tutorial would write. Untuned on purpose: keep it so.
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the tutorial's own: ImageNet's statistics
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def read_image(path, size_hw):
@@ -57,7 +58,7 @@ class LesionDataset(Dataset):
         self.pairs, self.size_hw = pairs, size_hw
         self.augment = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5),
                                   A.RandomBrightnessContrast(p=0.2),
-                                  A.Normalize(mean=MEAN, std=STD)], seed=seed)
+                                  A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)], seed=seed)
 
     def __len__(self):
         return len(self.pairs)
@@ -106,7 +107,8 @@ def score(model, pairs, size_hw):
     rows = []
     with torch.inference_mode():
         for pair in pairs:
-            image = (read_image(pair.image, size_hw).astype(np.float32) / 255 - MEAN) / STD
+            image = read_image(pair.image, size_hw).astype(np.float32) / 255
+            image = (image - IMAGENET_MEAN) / IMAGENET_STD
             x = torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32))[None]
             prob = torch.sigmoid(model(x))[0, 0].numpy()
             truth = cv2.imread(str(pair.mask), cv2.IMREAD_GRAYSCALE) > 127

@@ -33,10 +33,10 @@ import checkpoint  # noqa: E402
 import engine  # noqa: E402
 import metrics  # noqa: E402
 import model as model_lib  # noqa: E402
+import settings  # noqa: E402
 
-# train_model.py's default run: the epochs of the run profiled unless its flags say otherwise
-# (the same names and values as train_model.py's EPOCHS and its --demo's epochs)
-EPOCHS = 40
+# the epochs of the run profiled unless its flags say otherwise: train_model.py's EPOCHS (read
+# with `train_model.py --print-settings` when needed), or its --demo's (DEMO["epochs"] there)
 DEMO_EPOCHS = 8
 
 TOP = 15  # operators listed
@@ -142,7 +142,9 @@ def epochs_of(flags):
             return int(flags[i + 1])
         if flag.startswith("--epochs="):
             return int(flag.split("=", 1)[1])
-    return DEMO_EPOCHS if "--demo" in flags else EPOCHS
+    if "--demo" in flags:
+        return DEMO_EPOCHS
+    return settings.defaults(settings.read_script(REPO / "train_model.py"))["EPOCHS"]
 
 
 def run_train_model(flags):

@@ -2,6 +2,7 @@
 command-line flag they name is a flag of one of the project's scripts (or of a tool named
 beside it)."""
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -88,3 +89,17 @@ def test_a_document_speaks_of_the_project_as_it_is(doc):
     """No placeholders left for figures that were never filled in."""
     text = doc.read_text()
     assert "<!--" not in text and "TODO" not in text
+
+
+def test_the_settings_tables_of_docs_settings_md_are_the_scripts_tables():
+    """`python settings.py` writes them; this fails when a row changed and it was not run."""
+    import export_model
+    import settings
+    import test_model
+    import train_model
+
+    tables = {f"{m.__name__}.py": settings.describe(m.SETTINGS, vars(m))
+              for m in (train_model, test_model, export_model)}
+    text = (REPO / "docs" / "settings.md").read_text()
+    assert text[text.index(settings.DOC_MARK):] == settings.markdown(
+        json.loads(json.dumps(tables))), "docs/settings.md is out of date: run python settings.py"

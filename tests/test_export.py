@@ -1,6 +1,8 @@
-"""export_model.py: the ONNX graph against the PyTorch path of the same checkpoint(s), on real
-fixture pairs, on generated images of sizes unlike the traced one, and through test_model.py;
-its metadata; one-line refusals; the README's example. Tiny models trained on the CPU."""
+"""export_model.py and onnx_format.py: the ONNX graph against the PyTorch path of the same
+checkpoint(s) (the one module predict.ImageProbability, traced), on real fixture pairs, on
+generated images of sizes and aspect ratios unlike the traced one, and through test_model.py;
+its metadata; files of the previous format version; the int8 graph; one-line refusals; the
+README's example. Tiny models trained on the CPU."""
 import hashlib
 import json
 import re
@@ -19,6 +21,7 @@ from PIL import Image
 
 import demo_data
 import export_model
+import onnx_format
 import preprocess
 import test_model
 import train_model
@@ -31,9 +34,21 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "isic_sample"
 TINY = ["--encoder", "resnet18", "--encoder-weights", "none", "--batch-size", "4",
         "--workers", "0", "--device", "cpu", "--quiet", "--lr", "1e-3"]
-SIZES = [(200, 300), (97, 131), (576, 768), (256, 256), (48, 40)]  # (h, w); none the traced
-PROB_TOLERANCE = 1e-2  # the issue's bound; the figures reached are printed (pytest -s)
-MASK_TOLERANCE = 0.001  # share of an image's pixels whose mask may differ
+SIZES = [(200, 300), (97, 131), (576, 768), (256, 256), (48, 40), (300, 64)]  # (h, w)
+# The graph and PyTorch compute the same steps in float32 (onnxruntime's Resize with
+# antialias equals torch's to about 1e-3 grey levels, its kernels sum in other orders): the
+# probabilities agree to PROB_TOLERANCE (reached: about 1e-5; up to 2e-4 where the image is
+# enlarged), and a mask pixel may differ only where the probability lies within
+# PROB_TOLERANCE of the threshold.
+PROB_TOLERANCE = 1e-3
+V2 = Path(__file__).parent / "data" / "export_v2"  # written by the version-2 export
+# test_model.py --evaluate and --image with a .pth feed the network images shrunk by training's
+# OpenCV area resize (the loader's, evaluate.image_prediction); the graph resizes with its
+# antialiased Resize. Measured on the sample's
+# 84 held-out images with a fold model of the CPU recipe (docs/deployment.md): mask pixels
+# differing 0.13% per image on average, 1.30% at most, mean IoU 0.0003 lower.
+RESIZE_MASK_TOLERANCE = 0.02
+RESIZE_SCORE_TOLERANCE = 0.01
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -88,11 +103,24 @@ def cases(trained, mixed=True):
 
 # ----------------------------------------------------------------------------- the graph
 
+def torch_probability(ms, image, tta):
+    """The PyTorch path test_model.py runs on a decoded image, in float32."""
+    return predict.Predictor(ms, CPU, tta).probability(image)
+
+
+def mask_differs_only_where_precision_explains(mask, ref, threshold=0.5):
+    """Mask pixels that differ all lie within PROB_TOLERANCE of the threshold."""
+    differ = (mask > 0) != (ref >= threshold)
+    return bool(np.all(np.abs(ref[differ] - threshold) <= PROB_TOLERANCE))
+
+
 def test_file_passes_the_checker_and_names_its_sources(trained, capsys):
     for path in (trained["single"], trained["ensemble"], trained["mixed"]):
         onnx.checker.check_model(str(path), full_check=True)
     assert trained["single"] == trained["a"].with_name("fpn_resnet18.onnx")  # beside the model
-    meta = predict.onnx_metadata(trained["mixed"])
+    meta = onnx_format.read_metadata(trained["mixed"])
+    assert meta["version"] == "3" and meta["precision"] == "float32"
+    assert meta["resize"] == onnx_format.RESIZE_ANTIALIAS
     assert meta["encoder"] == "resnet18,resnet18" and meta["network_size"] == "64x64,96x64"
     assert meta["tta"] == "flips" and meta["views"] == "4" and meta["opset"] == "20"
     assert json.loads(meta["mean"])[1] == list(preprocess.IMAGENET_MEAN)
@@ -107,6 +135,19 @@ def test_file_passes_the_checker_and_names_its_sources(trained, capsys):
     assert "network_size: 64x64,96x64" in out and sources[1]["sha256"] in out
 
 
+def test_graph_resizes_with_standard_resize_nodes_and_export_model_stays_short(trained):
+    """The resize to the network size is one Resize node per member (linear, antialiased);
+    no hand-built resize (running sums, integer convolutions, gathered taps) is left."""
+    graph = onnx.load(str(trained["mixed"])).graph
+    ops = [n.op_type for n in graph.node]
+    resizes = [n for n in graph.node if n.op_type == "Resize"
+               and onnx.helper.get_attribute_value(
+                   next(a for a in n.attribute if a.name == "antialias")) == 1]
+    assert len(resizes) == 2  # the mixed ensemble: one per network size
+    assert not {"CumSum", "ConvInteger", "If", "GatherND"} & set(ops)
+    assert len((REPO / "export_model.py").read_text().splitlines()) <= 250
+
+
 @pytest.mark.parametrize("hw", SIZES)
 def test_graph_equals_the_pytorch_path_at_sizes_unlike_the_traced_one(trained, hw):
     image = export_model.check_image(hw, seed=hw[0])
@@ -115,29 +156,86 @@ def test_graph_equals_the_pytorch_path_at_sizes_unlike_the_traced_one(trained, h
         assert prob.shape == hw and prob.dtype == np.float32
         assert mask.shape == hw and mask.dtype == np.uint8
         assert set(np.unique(mask)) <= {0, 255}
-        ref = export_model.torch_probability(ms, image, tta)
+        ref = torch_probability(ms, image, tta)
         diff = float(np.abs(prob - ref).max())
         print(f"{name} {hw[1]}x{hw[0]}: largest probability difference {diff:.1e}")
-        # cv2's resize bit for bit (48x40 is enlarged): only float rounding remains
-        assert diff <= 1e-4
-        assert np.mean((mask > 0) != (ref >= 0.5)) <= MASK_TOLERANCE
+        assert diff <= PROB_TOLERANCE
+        assert mask_differs_only_where_precision_explains(mask, ref)
+
+
+def test_output_size_sets_the_size_of_the_outputs(trained):
+    """A JPEG decoded at a reduced scale: the graph resizes the map straight to the size
+    given, as the PyTorch path does."""
+    image = export_model.check_image((150, 200))
+    for name, path, ms, tta in cases(trained):
+        prob, mask = session(path).run(None, {"image": image,
+                                              "output_size": np.array([300, 400])})
+        ref = predict.Predictor(ms, CPU, tta).probability(image, (300, 400))
+        assert prob.shape == mask.shape == (300, 400)
+        assert np.abs(prob - ref).max() <= PROB_TOLERANCE
 
 
 def test_real_fixture_pairs_agree_with_pytorch(trained):
-    """The 12 real ISIC pairs decoded whole: the graph against the PyTorch path's steps."""
+    """The 12 real ISIC pairs decoded whole: the graph against the PyTorch path."""
     images = sorted((FIXTURES / "images").glob("*.jpg"))
     assert len(images) == 12
     for name, path, ms, tta in cases(trained):
-        run, worst, worst_share = session(path), 0.0, 0.0
+        run, worst = session(path), 0.0
         for image_path in images:
             image = preprocess.read_image(image_path)
             prob, mask = run.run(None, {"image": image})
-            ref = export_model.torch_probability(ms, image, tta)
+            ref = torch_probability(ms, image, tta)
             worst = max(worst, float(np.abs(prob - ref).max()))
-            worst_share = max(worst_share, float(np.mean((mask > 0) != (ref >= 0.5))))
-        print(f"{name}, 12 fixtures: largest probability difference {worst:.1e}, "
-              f"mask pixels differing at most {worst_share:.4%}")
-        assert worst <= PROB_TOLERANCE and worst_share <= MASK_TOLERANCE
+            assert mask_differs_only_where_precision_explains(mask, ref), image_path.name
+        print(f"{name}, 12 fixtures: largest probability difference {worst:.1e}")
+        assert worst <= PROB_TOLERANCE
+
+
+# ----------------------------------------------------------------------------- older records
+
+def test_files_of_the_version_2_export_load_and_run_as_written():
+    """tests/data/export_v2 (its README says how it was made): the version-2 file's metadata
+    migrates to version 3, OnnxPredictor runs it, and its graph still computes what the
+    version-2 export built: OpenCV's area resize, the network over flipped views, the linear
+    resize back, here rebuilt from its checkpoint."""
+    path = V2 / "unet_tu-mobilenetv3_small_050.onnx"
+    meta = onnx_format.read_metadata(path)
+    assert meta["version"] == "3" and meta["resize"] == onnx_format.RESIZE_OPENCV
+    assert meta["precision"] == "float32" and meta["tta"] == "flips"
+    predictor = predict.load_predictor([str(path)], None, CPU)
+    model, ckpt = predict.load_model(V2 / "unet_tu-mobilenetv3_small_050.pth", CPU)
+    module = predict.ImageProbability([model], [(32, 32)], "flips")
+    for hw in [(200, 300), (97, 131)]:
+        image = export_model.check_image(hw, seed=1)
+        small, _ = preprocess.resize_pair(image, None, (32, 32), "area")
+        with torch.inference_mode():
+            net = module.network_probability(0, preprocess.to_tensor(small)[None])
+        ref = preprocess.prob_to_original(net[0], hw)
+        assert np.abs(predictor.probability(image) - ref).max() <= PROB_TOLERANCE
+
+
+def test_version_2_checkpoint_exports(tmp_path):
+    """The committed version-2 checkpoint exports to version 3 and agrees with PyTorch."""
+    pth = V2 / "unet_tu-mobilenetv3_small_050.pth"
+    out = export_model.export(export_model.parse_args(
+        ["--checkpoint", str(pth), "--out", str(tmp_path / "v3.onnx"), "--tta", "flips"]))
+    image = export_model.check_image((120, 90))
+    prob = session(out).run(["probability"], {"image": image})[0]
+    ref = torch_probability(members([pth]), image, "flips")
+    assert np.abs(prob - ref).max() <= PROB_TOLERANCE
+
+
+@pytest.mark.parametrize("version, message", [("9", "update the project"),
+                                              ("1", "export it again")])
+def test_versions_this_code_cannot_read_are_refused(tmp_path, version, message):
+    proto = onnx.load(str(V2 / "unet_tu-mobilenetv3_small_050.onnx"))
+    for entry in proto.metadata_props:
+        if entry.key == "version":
+            entry.value = version
+    path = tmp_path / "other.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(onnx_format.FormatError, match=message):
+        onnx_format.read_metadata(path)
 
 
 # ----------------------------------------------------------------------------- test_model.py
@@ -173,7 +271,7 @@ def test_image_mode_with_an_onnx_file_gives_the_pytorch_masks(trained, tmp_path,
                               masks_of(tmp_path / f"{name}_onnx"))
         with capsys.disabled():
             print(f"{name}: --image masks differ in at most {share:.4%} of the pixels")
-        assert share <= MASK_TOLERANCE
+        assert share <= RESIZE_MASK_TOLERANCE  # OpenCV's resize on the .pth side
         assert len(masks_of(tmp_path / f"{name}_onnx")) == 14
 
 
@@ -199,7 +297,7 @@ def test_evaluate_with_an_onnx_file_reports_the_pytorch_scores(trained, tmp_path
         with capsys.disabled():
             print(f"{name}: --evaluate summaries differ by at most {max(gaps.values()):.1e}, "
                   f"masks in at most {share:.4%} of the pixels")
-        assert max(gaps.values()) <= 1e-3 and share <= MASK_TOLERANCE
+        assert max(gaps.values()) <= RESIZE_SCORE_TOLERANCE and share <= RESIZE_MASK_TOLERANCE
 
 
 def test_views_the_file_does_not_hold_are_refused(trained, tmp_path):
@@ -277,58 +375,66 @@ def test_readme_example_runs_as_written(trained, tmp_path):
     assert written.shape == (256, 256) and np.array_equal(written, expected)
 
 
-# ----------------------------------------------------------------------------- the resize
+# ----------------------------------------------------------------------------- int8
 
-def resize_graph(size_hw, interpolation):
-    from onnx import TensorProto, helper
-    g = export_model.Graph()
-    out = export_model.resize_image(g, "image", size_hw, interpolation)
-    g.nodes.append(helper.make_node("Identity", [out], ["small"]))
-    graph = helper.make_graph(
-        g.nodes, "resize", [helper.make_tensor_value_info("image", TensorProto.UINT8,
-                                                          ["h", "w", 3])],
-        [helper.make_tensor_value_info("small", TensorProto.FLOAT, [*size_hw, 3])], g.inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("",
-                                                                        export_model.OPSET)])
-    proto.ir_version = 10
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
+def test_int8_file_quantises_the_convolutions_keeps_the_resizes_float_and_is_checked(
+        trained, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    export_model.main(["--checkpoint", str(trained["a"]), "--out", str(out), "--int8",
+                       "--int8-max-iou-loss", "1", "--calibration-images", "8"])
+    int8 = tmp_path / "model_int8.onnx"
+    meta = onnx_format.read_metadata(int8)
+    check = json.loads(meta["int8_check"])
+    assert meta["precision"] == "int8" and check["images"] == 4  # the run's validation split
+    assert check["iou_loss"] == pytest.approx(check["iou_float32"] - check["iou_int8"])
+    graph = onnx.load(str(int8)).graph
+    made = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    quantised = [c for c in convs if made.get(c.input[1]) is not None
+                 and made[c.input[1]].op_type == "DequantizeLinear"]
+    assert len(quantised) >= 0.75 * len(convs)  # the network runs in int8 ...
+    assert convs[0] not in quantised and convs[-1] not in quantised  # ... but its ends
+    read_by = {}
+    for node in graph.node:
+        for name in node.input:
+            read_by.setdefault(name, []).append(node.op_type)
+    linear = [n for n in graph.node if n.op_type == "Resize" and any(
+        a.name == "mode" and a.s == b"linear" for a in n.attribute)]
+    assert len(linear) >= 3  # the image's, the decoder's, the one back to the image's size
+    for node in linear:  # no Q/DQ pair wraps a linear Resize (a known wrong result)
+        assert not (made[node.input[0]].op_type == "DequantizeLinear"
+                    and "QuantizeLinear" in read_by.get(node.output[0], []))
+    image_resizes = [n for n in graph.node if n.op_type == "Resize" and any(
+        a.name == "antialias" and a.i == 1 for a in n.attribute)]
+    assert len(image_resizes) == 1  # the image's resize reads float pixels
+    assert made[image_resizes[0].input[0]].op_type != "DequantizeLinear"
+    prob, mask = session(int8).run(None, {"image": export_model.check_image((90, 120))})
+    assert prob.shape == mask.shape == (90, 120)
+    assert "mask pixels differ from float32" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("size_hw, interpolation", [((64, 64), "area"), ((96, 64), "area"),
-                                                    ((64, 64), "linear")])
-def test_graph_resize_is_cv2s(size_hw, interpolation):
-    """Whole shrink factors and enlargements equal preprocess.resize_pair bit for bit; other
-    shrinks sum in another order than cv2, which moves a value that lies on .5 by one level."""
-    import onnxruntime
-    proto = resize_graph(size_hw, interpolation)
-    run = onnxruntime.InferenceSession(proto.SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    for hw in [(128, 128), (192, 128), (576, 768), (40, 50), (33, 90), (200, 300), (97, 131)]:
-        image = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
-        got = run.run(None, {"image": image})[0]
-        expected = preprocess.resize_pair(image, None, size_hw, interpolation)[0]
-        off = np.abs(got - expected.astype(np.float32))
-        whole = hw[0] % size_hw[0] == 0 and hw[1] % size_hw[1] == 0
-        if whole or interpolation == "linear" or hw[0] < size_hw[0] or hw[1] < size_hw[1]:
-            assert off.max() == 0, hw
-        else:
-            assert off.max() <= 1 and np.mean(off > 0) < 0.01, hw
+def test_int8_file_losing_too_much_iou_is_not_kept(trained, tmp_path):
+    out = tmp_path / "model.onnx"
+    with pytest.raises(SystemExit) as exc:  # a loss above -1 always counts as too much
+        export_model.main(["--checkpoint", str(trained["a"]), "--out", str(out), "--int8",
+                           "--int8-max-iou-loss", "-1", "--calibration-images", "4"])
+    assert "not written; use the float32 file" in str(exc.value.code)
+    assert out.exists() and not (tmp_path / "model_int8.onnx").exists()
 
 
 # ----------------------------------------------------------------------------- the benchmark
 
-def test_benchmark_report_gives_images_per_second_and_the_ratio():
+def test_benchmark_report_gives_images_per_second_and_the_ratios():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import onnx_speed
-    images = [np.zeros((2, 3, 3), np.uint8), np.zeros((4, 5, 3), np.uint8)]
-    seconds = {"pytorch": np.array([[1.0, 1.0], [2.0, 2.0], [1.0, 3.0]]),
-               "onnxruntime": np.array([[0.5, 0.5], [0.5, 0.5], [1.0, 1.0]])}
-    lines, ratio = onnx_speed.report(seconds, images, ["header"])
-    # rounds: PyTorch 1.0, 0.5, 0.5 images/s; onnxruntime 2.0, 2.0, 1.0; ratios 2, 4, 2
-    assert ratio == 2.0
-    assert "  PyTorch      0.50 (0.50 to 1.00)" in lines
-    assert "  onnxruntime  2.00 (1.00 to 2.00)" in lines
-    assert "  ratio onnxruntime / PyTorch  2.00 (2.00 to 4.00)" in lines
-    assert "  5x4  2.000 s  0.500 s  4.00x" in lines  # medians of 1, 2, 3 and .5, .5, 1
+    images = [(np.zeros((1, 1, 3), np.uint8), (2, 3)), (np.zeros((1, 2, 3), np.uint8), (4, 5))]
+    seconds = {"pytorch": np.array([[1.0, 1.0], [2.0, 2.0], [1.0, 4.0]]),
+               "float32": np.array([[0.5, 0.5], [0.5, 0.5], [1.0, 1.0]]),
+               "int8": np.array([[0.25, 2.0], [0.5, 2.0], [0.5, 2.0]])}
+    lines, worst = onnx_speed.report(seconds, images)
+    # 3x2: PyTorch 1, 0.5, 1 images/s (median 1); float32 2, 2, 1 (median 2); ratios 2, 4, 1
+    assert lines[0].startswith("  3x2  pytorch 1.00/s  float32 2.00/s  int8 2.00/s  |")
+    assert "float32/pytorch 2.00 (1.00 to 4.00)" in lines[0]
+    assert "int8/pytorch 4.00 (2.00 to 4.00)" in lines[0]
+    # 5x4: float32 ratios 2, 4, 4 (median 4); int8 0.5, 1, 2 (median 1)
+    assert worst == {"float32": 2.0, "int8": 1.0}

@@ -834,3 +834,32 @@ def test_a_data_folder_pointed_at_its_images_folder_says_to_point_at_the_parent(
     assert message.endswith(f"Point --data at its parent, {root}, which holds both.")
     found = scan(root)
     assert found.pair_count() == 2 and found.sources == ["images"]
+
+
+# What each AUGMENT name does, as it was when runs recorded it. A resumed run takes the name
+# from its record: a changed behaviour is a new name in preprocess.AUGMENTS, never an edit here.
+AUGMENT_BEHAVIOUR = {
+    "flips": [("HorizontalFlip", 0.5, {}), ("VerticalFlip", 0.5, {}), ("RandomRotate90", 0.5, {})],
+    "full": [("HorizontalFlip", 0.5, {}), ("VerticalFlip", 0.5, {}), ("RandomRotate90", 0.5, {}),
+             ("Affine", 0.5, {"rotate": (-20.0, 20.0), "scale": {"x": (0.9, 1.1), "y": (0.9, 1.1)},
+                              "translate_percent": {"x": (-0.05, 0.05), "y": (-0.05, 0.05)},
+                              "interpolation": 1, "mask_interpolation": 0, "border_mode": 4}),
+             ("RandomBrightnessContrast", 0.5, {"brightness_limit": (-0.15, 0.15),
+                                                "contrast_limit": (-0.15, 0.15)}),
+             ("HueSaturationValue", 0.5, {"hue_shift_limit": (-8.0, 8.0),
+                                          "sat_shift_limit": (-15.0, 15.0),
+                                          "val_shift_limit": (-10.0, 10.0)})],
+}
+
+
+def test_each_augment_name_keeps_what_it_does():
+    assert set(preprocess.AUGMENTS) >= set(AUGMENT_BEHAVIOUR)
+    for name, expected in AUGMENT_BEHAVIOUR.items():
+        got = []
+        for t, (_, _, keys) in zip(preprocess.train_augment((32, 32), strength=name).transforms,
+                                   expected):
+            init = t.get_transform_init_args()
+            got.append((type(t).__name__, t.p, {k: init[k] for k in keys}))
+        assert got == expected and len(preprocess.train_augment(
+            (32, 32), strength=name).transforms) == len(expected), \
+            f"AUGMENT {name!r} changed what it does: give the new behaviour a new name"

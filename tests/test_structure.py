@@ -53,7 +53,8 @@ def test_benchmarks_time_the_engines_step_and_validation_with_train_models_defau
         monkeypatch):
     """benchmarks/pipeline.py (and gpu_check.py through it) calls the training step and the
     validation train_model runs (engine.train_one_epoch and engine.validate), and measures by
-    default the run train_model's constants describe."""
+    default the run train_model's constants describe: it reads them from `train_model.py
+    --print-settings`, and no benchmark assigns a constant of train_model's SETTINGS."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import engine
     import pipeline
@@ -69,10 +70,13 @@ def test_benchmarks_time_the_engines_step_and_validation_with_train_models_defau
     assert called == [("train", train_model.THRESHOLD), ("validate",)]
     gpu_check = (REPO / "benchmarks" / "gpu_check.py").read_text()
     assert "train_steps" in gpu_check and "measure_validation" in gpu_check
-    for name in ("SEED", "LR", "THRESHOLD", "BATCH_SIZE", "ENCODER", "ENCODER_DEPTH",
-                 "IMAGE_SIZE", "MIXED_PRECISION", "CHANNELS_LAST"):
-        if hasattr(pipeline, name):
-            assert getattr(pipeline, name) == getattr(train_model, name), name
+    names = {s.name for s in train_model.SETTINGS}
+    for path in (REPO / "benchmarks").glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+            assigned = {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+            assert not assigned & names, f"{path.name} copies {assigned & names}"
 
 
 def functions(path):

@@ -94,6 +94,13 @@ def darkness(model, images, device, tta="none"):
     return torch.sigmoid(-3 * z - 1).numpy()
 
 
+def darkness_module(monkeypatch):
+    """`darkness` in place of the network of every Predictor (ImageProbability's one seam
+    between the input at network size and the probability there)."""
+    monkeypatch.setattr(predict.ImageProbability, "network_probability",
+                        lambda self, index, x: torch.from_numpy(darkness(None, x.float(), None)))
+
+
 def run_main(argv, capsys):
     assert test_model.main([str(a) for a in argv]) == 0
     return capsys.readouterr()
@@ -192,7 +199,7 @@ def test_evaluate_means_equal_the_official_scorer(tmp_path, demo, ckpt, capsys, 
 
     _, _, splits = demo
     if network == "darkness":
-        monkeypatch.setattr(predict, "predict_batch", darkness)
+        darkness_module(monkeypatch)
     out = tmp_path / "eval"
     (out / "masks").mkdir(parents=True)
     (out / "masks" / "ISIC_9999999_segmentation.png").write_bytes(b"stale")  # an earlier run's
@@ -250,7 +257,7 @@ def test_threshold_counts_equal_confusion_at_every_threshold():
 def test_threshold_analysis_best_is_the_argmax_and_agrees_with_evaluate(tmp_path, demo, ckpt,
                                                                         capsys, monkeypatch):
     _, _, splits = demo
-    monkeypatch.setattr(predict, "predict_batch", darkness)
+    darkness_module(monkeypatch)
     out = tmp_path / "analysis"
     result = run_main(["--checkpoint", ckpt, "--threshold-analysis", "--out", out,
                        "--workers", 0], capsys)
@@ -532,8 +539,10 @@ def test_an_ensemble_of_one_checkpoint_listed_twice_equals_that_checkpoint(ckpt,
 
 def test_an_ensemble_of_two_image_sizes_averages_each_models_map_at_original_size(ckpt, demo,
                                                                                  tmp_path):
-    """--evaluate's batches give each image the map --image gives it: the mean of the members'
-    maps, each resized from its own network size straight to the image's size."""
+    """--evaluate's batches and --image both give each image the mean of the members' maps,
+    each resized from its own network size straight to the image's size (the batches from
+    the loader's images, which training's OpenCV resize shrank; --image through the members'
+    own ImageProbability, docs/deployment.md)."""
     root, split_file, splits = demo
     pairs = splits["test"]
     big = write_checkpoint(tmp_path / "big.pth", root, split_file, True,
@@ -543,12 +552,18 @@ def test_an_ensemble_of_two_image_sizes_averages_each_models_map_at_original_siz
     batch = torch.cat([preprocess.eval_input(p.image, NET_SIZE)[0] for p in pairs])
     maps = ensemble.batch(batch, pairs)
     for pair, got, hw in zip(pairs, maps, hws):
-        members = [predict.predict(m, c, pair.image, CPU) for m, c, _ in ensemble.members]
+        # decoded once, at the scale the larger member needs, for both members
+        decoded = preprocess.read_image(pair.image, min_hw=ensemble.decode_hw)
+        members = [predict.Predictor([member], CPU).probability(decoded, hw)
+                   for member in ensemble.members]
         expected = np.mean(members, axis=0)
+        np.testing.assert_allclose(ensemble.image(pair.image), expected, atol=1e-5)
+        loaded = [predict.predict_batch(m, preprocess.eval_input(
+            pair.image, ckpt_lib.input_settings(c))[0], CPU)[0] for m, c, _ in ensemble.members]
         got = preprocess.prob_to_original(got, hw)  # as the scoring threads resize it
         assert got.shape == expected.shape == hw
-        np.testing.assert_allclose(got, expected, atol=1e-5)
-        np.testing.assert_allclose(ensemble.image(pair.image), expected, atol=1e-5)
+        np.testing.assert_allclose(got, np.mean([preprocess.prob_to_original(m, hw)
+                                                 for m in loaded], axis=0), atol=1e-5)
         # the big model's map squeezed through 64x64 on its way differs: not a vacuous check
         through_small = preprocess.prob_to_original(
             preprocess.prob_to_original(members[1], NET_SIZE), hw)
