@@ -26,8 +26,10 @@ same way and compared with --reference runs/fpn:
             --optimizer adamw --weight-decay 1e-2
     cosine  --schedule cosine --warmup-epochs 1 --lr 1e-3
     ema     --ema-decay 0.98
+    dicebce --loss dice+bce
 
-    python benchmarks/compare_recipes.py --reference runs/fpn runs/combo runs/cosine runs/ema --last
+    python benchmarks/compare_recipes.py --reference runs/fpn runs/combo runs/cosine runs/ema \
+        runs/dicebce --last
 
 The baseline is one of two:
 
