@@ -4,7 +4,8 @@ A checkpoint is a plain dict of tensors and plain values, read with weights_only
 
     format, version       CHECKPOINT_FORMAT, CHECKPOINT_VERSION: the version marks a change of
                           this layout only (a new setting is no change: see below)
-    model_state           the network's weights
+    model_state           the network's weights (with EMA_DECAY: the weight average, which
+                          is what the run validated)
     settings              the one record of how the run was made: every recorded setting of
                           train_model.py (ARCH, ENCODER, IMAGE_SIZE, MEAN, STD, THRESHOLD, LR,
                           ...) by its flag's name, plus data, fold, demo and interpolation
@@ -13,7 +14,9 @@ A checkpoint is a plain dict of tensors and plain values, read with weights_only
     confidence            (optional) the level stored by test_model.py --calibrate
 
 A resume state (`<run>_last.pth`) adds optimizer_state, scaler_state, best_iou, history,
-iter_log, unread and processes.
+iter_log, unread and processes; with EMA_DECAY also trained_model_state (the weights the
+optimiser steps) and average_updates (the average's count of updates). Optional keys are a
+format's growth too, not a new version: a reader asks for them with .get.
 
 Every file the project has written since version 2 stays readable: `load_checkpoint` (and
 `checkpoint_fields`) pass it through `migrate`, one step per later version (MIGRATIONS). A
