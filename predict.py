@@ -79,6 +79,18 @@ def onnx_session(path, threads=None):
     return onnx_format.session(path, threads or torch.get_num_threads())
 
 
+def read_with_size(image_path, decode_hw, exif=True, hw=None):
+    """(the image decoded at the reduced scale that still gives `decode_hw`, the size its map
+    is made at: `hw`, or the image's own as its header gives it, turned as it is read)."""
+    image = preprocess.read_image(image_path, min_hw=decode_hw, exif=exif)
+    if hw is None:
+        info = preprocess.image_info(image_path)
+        hw = (info["height"], info["width"])
+        if not exif and info["orientation"] in (5, 6, 7, 8):
+            hw = hw[::-1]
+    return image, hw
+
+
 class OnnxPredictor:
     """An exported file run by onnxruntime's CPU provider, with the interface of Predictor.
     The graph does the resizing, views and mean itself: it is given each image as
@@ -132,13 +144,7 @@ class OnnxPredictor:
         reduced scale the PyTorch path decodes it at (preprocess.eval_input), so that the two
         agree (for an ensemble of several sizes, the scale its largest member needs); the
         graph is told the image's own size for its outputs."""
-        image = preprocess.read_image(image_path, min_hw=self.decode_hw, exif=exif)
-        if hw is None:
-            info = preprocess.image_info(image_path)
-            hw = (info["height"], info["width"])
-            if not exif and info["orientation"] in (5, 6, 7, 8):
-                hw = hw[::-1]
-        return self.probability(image, hw)
+        return self.probability(*read_with_size(image_path, self.decode_hw, exif, hw))
 
     def batch(self, images, pairs):
         """Each pair's image read again (the loader's small tensors are not used)."""
@@ -284,13 +290,7 @@ class Predictor:
         """Probability map at the image's size as read (or at `hw`): a JPEG decoded at the
         reduced scale that still serves every member (preprocess.read_image), the map made
         at the size in its header."""
-        image = preprocess.read_image(image_path, min_hw=self.decode_hw, exif=exif)
-        if hw is None:
-            info = preprocess.image_info(image_path)
-            hw = (info["height"], info["width"])
-            if not exif and info["orientation"] in (5, 6, 7, 8):
-                hw = hw[::-1]
-        return self.probability(image, hw)
+        return self.probability(*read_with_size(image_path, self.decode_hw, exif, hw))
 
     @torch.inference_mode()
     def batch(self, images, pairs):

@@ -76,8 +76,12 @@ def test_the_version_2_resume_state_resumes_for_one_more_epoch(v2, capsys):
     old = checkpoint.load_checkpoint(LAST)
     assert state["epoch"] == 2 and state["version"] == checkpoint.CHECKPOINT_VERSION
     assert state["history"][0] == old["history"][0] and len(state["history"]) == 2
+    # the record keeps what the run was, and gains each later setting at its older value
+    older = {k: settings.plain(v) for k, v in settings.older_values(train_model.SETTINGS).items()
+             if k not in old["settings"]}
+    assert older and older["schedule"] == "step" and older["ema_decay"] == 0.0
     assert {k: v for k, v in state["settings"].items() if k not in ("data", "epochs")} == \
-        {k: v for k, v in old["settings"].items() if k not in ("data", "epochs")}
+        {k: v for k, v in {**old["settings"], **older}.items() if k not in ("data", "epochs")}
 
 
 # ----------------------------------------------------------------------------- versions
@@ -110,24 +114,24 @@ def test_a_version_newer_than_the_code_is_refused_with_its_number(tmp_path):
 
 # ----------------------------------------------------------------------------- a new setting
 
-WEIGHT_DECAY_ROW = settings.Setting("WEIGHT_DECAY", "Adam's weight decay", settings.FIXED,
-                                    older=0.0)
+ADAM_EPS_ROW = settings.Setting("ADAM_EPS", "the optimiser's epsilon", settings.FIXED,
+                                older=1e-8)
 
 
 @pytest.fixture
-def weight_decay(monkeypatch):
+def adam_eps(monkeypatch):
     """A setting added after the fixture was written, in its three places: the constant, the
-    row (records before it trained with no weight decay: older=0.0) and its use (the
-    optimiser's weight decay, and the record inference reads through checkpoint.setting)."""
-    monkeypatch.setattr(train_model, "WEIGHT_DECAY", 0.01, raising=False)
-    monkeypatch.setattr(train_model, "SETTINGS", train_model.SETTINGS + [WEIGHT_DECAY_ROW])
+    row (records before it trained with torch's default epsilon: older=1e-8) and its use (the
+    optimiser's epsilon, and the record inference reads through checkpoint.setting)."""
+    monkeypatch.setattr(train_model, "ADAM_EPS", 1e-6, raising=False)
+    monkeypatch.setattr(train_model, "SETTINGS", train_model.SETTINGS + [ADAM_EPS_ROW])
     start = train_model.start_training
 
     def use(args, *rest):
-        model, optimizer, scaler, progress = start(args, *rest)
-        for group in optimizer.param_groups:
-            group["weight_decay"] = args.weight_decay
-        return model, optimizer, scaler, progress
+        made = start(args, *rest)  # (model, optimizer, ...)
+        for group in made[1].param_groups:
+            group["eps"] = args.adam_eps
+        return made
     monkeypatch.setattr(train_model, "start_training", use)
     # what `train_model.py --print-settings` prints once the row is in the file
     monkeypatch.setattr(checkpoint, "_TRAINING_OLDER",
@@ -135,38 +139,38 @@ def weight_decay(monkeypatch):
     monkeypatch.setattr(checkpoint, "NOTED", set())
 
 
-def test_an_older_record_resumes_and_evaluates_with_the_older_value(v2, weight_decay, capsys):
+def test_an_older_record_resumes_and_evaluates_with_the_older_value(v2, adam_eps, capsys):
     model_dir = v2 / "model"
     assert train_model.main(["--resume", "--model-dir", str(model_dir), "--data",
                              str(v2 / "data"), "--epochs", "2", *MACHINE]) == 0
     out = capsys.readouterr().out
-    assert out.count("recorded before the setting weight_decay existed: read as "
-                     "weight_decay=0.0") == 1
+    assert out.count("recorded before the setting adam_eps existed: read as "
+                     "adam_eps=1e-08") == 1
     state = checkpoint.load_checkpoint(model_dir / LAST.name)
-    assert state["settings"]["weight_decay"] == 0.0  # the run's record no longer misstates it
-    assert {g["weight_decay"] for g in state["optimizer_state"]["param_groups"]} == {0.0}
+    assert state["settings"]["adam_eps"] == 1e-8  # the run's record no longer misstates it
+    assert {g["eps"] for g in state["optimizer_state"]["param_groups"]} == {1e-8}
     old = checkpoint.load_checkpoint(BEST)  # inference: the older record, read as it was
-    assert checkpoint.setting(old, "weight_decay", BEST) == 0.0
-    assert "weight_decay" not in old["settings"]
+    assert checkpoint.setting(old, "adam_eps", BEST) == 1e-8
+    assert "adam_eps" not in old["settings"]
     assert test_model.main(["--checkpoint", str(BEST), "--evaluate", "--split", "valid",
                             "--data", str(v2 / "data"), "--out", str(v2 / "eval"),
                             "--workers", "0", "--device", "cpu"]) == 0
 
 
-def test_a_new_record_stores_the_new_value_and_resume_refuses_another(v2, weight_decay, capsys):
+def test_a_new_record_stores_the_new_value_and_resume_refuses_another(v2, adam_eps, capsys):
     run = ["--data", str(v2 / "data"), "--model-dir", str(v2 / "new"), "--arch", "Unet",
            "--encoder", "tu-test_resnet", "--encoder-weights", "none", "--encoder-depth", "3",
            "--image-size", "32", "32", "--batch-size", "4", "--epochs", "1", *MACHINE]
     assert train_model.main(run) == 0
     state = checkpoint.load_checkpoint(v2 / "new" / LAST.name)
-    assert state["settings"]["weight_decay"] == 0.01
-    assert {g["weight_decay"] for g in state["optimizer_state"]["param_groups"]} == {0.01}
-    assert checkpoint.setting(state, "weight_decay") == 0.01
-    with pytest.raises(SystemExit, match="WEIGHT_DECAY=0.01, not 0.5"):
-        train_model.main(run + ["--resume", "--epochs", "2", "--weight-decay", "0.5"])
-    with pytest.raises(SystemExit, match="WEIGHT_DECAY=0.0, not 0.01"):  # the older record
+    assert state["settings"]["adam_eps"] == 1e-6
+    assert {g["eps"] for g in state["optimizer_state"]["param_groups"]} == {1e-6}
+    assert checkpoint.setting(state, "adam_eps") == 1e-6
+    with pytest.raises(SystemExit, match="ADAM_EPS=1e-06, not 0.0001"):
+        train_model.main(run + ["--resume", "--epochs", "2", "--adam-eps", "1e-4"])
+    with pytest.raises(SystemExit, match="ADAM_EPS=1e-08, not 1e-06"):  # the older record
         train_model.main(["--resume", "--model-dir", str(v2 / "model"), "--data",
-                          str(v2 / "data"), "--epochs", "2", "--weight-decay", "0.01", *MACHINE])
+                          str(v2 / "data"), "--epochs", "2", "--adam-eps", "1e-6", *MACHINE])
 
 
 def test_print_settings_is_the_table_that_checkpoint_reads_older_values_from():
