@@ -217,8 +217,9 @@ def validate(trainer, loader, threads=2):
 
     Each probability map is resized to its true mask's size and cut at the threshold by
     metrics.score_at_original, as test_model.py --evaluate scores it, so the CSV, the choice
-    of the best checkpoint and the evaluation report the same numbers. The true masks come with the batches (packed bits,
-    from the cache): no original is decoded per epoch or held beyond its batch."""
+    of the best checkpoint and the evaluation report the same numbers. The true masks come
+    with the batches (packed bits, from the cache): no original is decoded per epoch or held
+    beyond its batch."""
     trainer.model.eval()
     losses = []
 
