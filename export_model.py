@@ -94,6 +94,7 @@ def trace(module, opset=OPSET):
     for node in proto.graph.node:  # the tracer's notes (stack traces with local paths)
         del node.metadata_props[:]
     onnx_format.add_output_size(proto)
+    onnx_format.global_pools(proto)
     return proto
 
 

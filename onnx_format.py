@@ -136,6 +136,33 @@ def add_output_size(proto):
     proto.graph.node.extend(nodes)
 
 
+def global_pools(proto):
+    """Each ReduceMean over the two spatial axes of a 4-D tensor, keeping them, becomes the
+    GlobalAveragePool it equals (the squeeze of a squeeze-and-excitation block, which
+    torch.onnx writes as a ReduceMean): onnxruntime runs GlobalAveragePool in its channels-last
+    int8 kernels, where a float ReduceMean took a sixth of se_resnext50_32x4d's int8 graph
+    (docs/speed.md). Returns how many were replaced."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                   if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in list(graph.value_info) + list(graph.input)}
+    replaced = 0
+    for i, node in enumerate(graph.node):
+        keep = {a.name: a.i for a in node.attribute}.get("keepdims", 1)
+        if node.op_type != "ReduceMean" or len(node.input) != 2 or not keep \
+                or ranks.get(node.input[0]) != 4 or node.input[1] not in values:
+            continue
+        if sorted(int(a) % 4 for a in values[node.input[1]].ravel()) == [2, 3]:
+            graph.node[i].CopyFrom(helper.make_node("GlobalAveragePool", node.input[:1],
+                                                    node.output, name=node.name))
+            replaced += 1
+    return replaced
+
+
 # ----------------------------------------------------------------------------- reading
 
 def from_version_2(meta):
@@ -223,15 +250,26 @@ def float_nodes(proto_path):
     """The nodes kept in float beyond the op types: everything up to and including the first
     convolution (the resize to the network size, the normalisation, the image's first
     features) and from the last convolution on (the logits, the sigmoid, the means, the
-    resize back, the threshold), where int8 steps would cost accuracy most; and the readers
-    of each linear Resize (a decoder's upsampling), so that no Q/DQ pair wraps one."""
+    resize back, the threshold), where int8 steps would cost accuracy most; the producer of
+    each linear Resize's input (a decoder's upsampling), so that the Resize reads float and no
+    Q/DQ pair wraps it (its output is quantised for the convolution that reads it); and each
+    grouped convolution with the ReLU before and after it: onnxruntime 1.32's int8 grouped
+    convolution (4 to 32 channels a group in se_resnext50_32x4d) took twice its float time,
+    and with a float ReLU on either side its WeightBiasQuantization step does not turn the
+    convolution into int8 again when the file is loaded (docs/speed.md)."""
     import onnx
     nodes = onnx.load(str(proto_path)).graph.node
     convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
-    linear = {n.output[0] for n in nodes if n.op_type == "Resize" and any(
+    linear = {n.input[0] for n in nodes if n.op_type == "Resize" and any(
         a.name == "mode" and a.s == b"linear" for a in n.attribute)}
+    grouped = [n for n in nodes if n.op_type == "Conv" and any(
+        a.name == "group" and a.i > 1 for a in n.attribute)]
+    around = {n.input[0] for n in grouped} | {n.output[0] for n in grouped}
+    beside = [n.name for n in nodes if n.op_type == "Relu"
+              and (n.output[0] in around or n.input[0] in around)]
     return [n.name for i, n in enumerate(nodes)
-            if i <= convs[0] or i >= convs[-1] or linear & set(n.input)]
+            if i <= convs[0] or i >= convs[-1] or linear & set(n.output)] \
+        + [n.name for n in grouped] + beside
 
 
 def quantise(float_path, out, images):

@@ -85,6 +85,11 @@ def members(paths):
     return predict.load_predictor([str(p) for p in paths], None, CPU).members
 
 
+def session_of(proto, path):
+    onnx.save(proto, str(path))
+    return session(path)
+
+
 def session(path):
     return predict.onnx_session(path)
 
@@ -411,6 +416,59 @@ def test_int8_file_quantises_the_convolutions_keeps_the_resizes_float_and_is_che
     prob, mask = session(int8).run(None, {"image": export_model.check_image((90, 120))})
     assert prob.shape == mask.shape == (90, 120)
     assert "mask pixels differ from float32" in capsys.readouterr().out
+
+
+def test_spatial_means_become_global_average_pools_with_the_same_result(tmp_path):
+    """A ReduceMean over the two spatial axes of a 4-D tensor, keeping them, becomes a
+    GlobalAveragePool; one over the channels, or dropping the axes, stays as it is."""
+    from onnx import TensorProto, helper, numpy_helper
+    axes = {"hw": [-1, -2], "c": [1], "hw_pos": [2, 3]}
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x", "hw"], ["a"]),
+         helper.make_node("ReduceMean", ["x", "c"], ["b"]),
+         helper.make_node("ReduceMean", ["x", "hw_pos"], ["d"], keepdims=0)], "means",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 5])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "abd"],
+        [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in axes.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    x = np.random.default_rng(0).normal(size=(1, 3, 4, 5)).astype(np.float32)
+    before = session_of(proto, tmp_path / "before.onnx").run(None, {"x": x})
+    assert onnx_format.global_pools(proto) == 1
+    assert [n.op_type for n in proto.graph.node] == ["GlobalAveragePool", "ReduceMean",
+                                                      "ReduceMean"]
+    after = session_of(proto, tmp_path / "after.onnx").run(None, {"x": x})
+    assert np.allclose(after[0], x.mean(axis=(2, 3), keepdims=True), atol=1e-6)
+    for old, new in zip(before, after):
+        assert old.shape == new.shape and np.allclose(old, new, atol=1e-6)
+
+
+def test_grouped_convolutions_and_their_relus_stay_float(tmp_path):
+    """float_nodes: the first and last convolutions, a grouped convolution with the ReLU on
+    either side, and the producer of a linear Resize's input; not the plain middle ones."""
+    from onnx import TensorProto, helper, numpy_helper
+    weights = {"w1": (4, 3, 1, 1), "w2": (4, 2, 3, 3), "w3": (4, 4, 1, 1), "w4": (4, 4, 1, 1),
+               "w5": (1, 4, 1, 1)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="first"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu_before"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="grouped", group=2,
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu_after"),
+             helper.make_node("Conv", ["r2", "w3"], ["c3"], name="plain"),
+             helper.make_node("Relu", ["c3"], ["r3"], name="feeds_resize"),
+             helper.make_node("Resize", ["r3", "", "scales"], ["up"], name="up",
+                              mode="linear"),
+             helper.make_node("Conv", ["up", "w4"], ["c4"], name="reads_resize"),
+             helper.make_node("Conv", ["c4", "w5"], ["y"], name="last")]
+    inits = [numpy_helper.from_array(np.ones(shape, np.float32), k)
+             for k, shape in weights.items()]
+    inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+    assert set(onnx_format.float_nodes(path)) == {"first", "relu_before", "grouped",
+                                                  "relu_after", "feeds_resize", "last"}
 
 
 def test_int8_file_losing_too_much_iou_is_not_kept(trained, tmp_path):
