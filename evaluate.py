@@ -136,9 +136,16 @@ def image_prediction(predictor, image_path, exif=True, hw=None):
         prob = predictor.image(image_path, exif, hw)
         return prob, prob
     x, read_hw = preprocess.eval_input(image_path, predictor.settings, exif)
+    return network_prediction(predictor, x, image_path, exif, hw or read_hw)
+
+
+def network_prediction(predictor, x, image_path, exif, hw):
+    """(probability map at `hw`, the map at network size) of a PyTorch predictor for the
+    image's network input `x` (preprocess.network_input; an ensemble member of other input
+    settings reads the image again from `image_path`)."""
     pair = load_dataset.Pair(id=Path(image_path).stem, image=Path(image_path), exif=exif)
     small = predictor.batch(x, [pair])[0]
-    return preprocess.prob_to_original(small, hw or read_hw), small
+    return preprocess.prob_to_original(small, hw), small
 
 
 def split_probabilities(predictor, pairs, batch_size, workers, desc):

@@ -402,8 +402,15 @@ def eval_input(path, settings, exif=True):
     hw = (info["height"], info["width"])
     if not exif and info["orientation"] in (5, 6, 7, 8):
         hw = hw[::-1]
+    return network_input(image, settings), hw
+
+
+def network_input(image, settings):
+    """(1, 3, H, W) normalised tensor at network size of a decoded uint8 (h, w, 3) image,
+    resized as training resizes it."""
+    settings = as_settings(settings)
     small, _ = resize_pair(image, None, settings.size_hw, settings.interpolation)
-    return to_tensor(small, settings.mean, settings.std)[None], hw
+    return to_tensor(small, settings.mean, settings.std)[None]
 
 
 # ---------------------------------------------------------------------------- the way back

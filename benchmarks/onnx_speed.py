@@ -1,6 +1,7 @@
 """End-to-end speed of exported models on the CPU: the float32 and the int8 graph of
-export_model.py against PyTorch as test_model.py runs it (bfloat16 with channels_last on a CPU
-with native bf16), per image size.
+export_model.py against PyTorch as `test_model.py --image` runs a .pth checkpoint (training's
+OpenCV resize, the network in bfloat16 with channels_last on a CPU with native bf16,
+OpenCV's linear resize back: evaluate.network_prediction), per image size.
 
     OMP_NUM_THREADS=1 python benchmarks/onnx_speed.py                # both models, 5 rounds
     python benchmarks/onnx_speed.py --models recipe --recipe-checkpoint Model/fpn_resnet18.pth
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import device as device_lib  # noqa: E402
+import evaluate  # noqa: E402
 import onnx_format  # noqa: E402
 import pipeline  # noqa: E402  (its JPEG generator and untrained checkpoint)
 import predict  # noqa: E402
@@ -133,6 +135,17 @@ def report(seconds, images):
     return lines, worst
 
 
+def pytorch_way(predictor, threshold, path):
+    """The mask of a decoded image at (height, width) `hw` as `test_model.py --image` makes it
+    with a .pth checkpoint (evaluate.image_prediction after the decode): training's OpenCV
+    resize, the network, OpenCV's linear resize back, the threshold."""
+    def way(image, hw):
+        x = preprocess.network_input(image, predictor.settings)
+        prob = evaluate.network_prediction(predictor, x, path, True, hw)[0]
+        return np.where(preprocess.binarise(prob, threshold), 255, 0).astype(np.uint8)
+    return way
+
+
 def time_model(name, args, tmp, jpegs):
     """The lines of one model: export, timing, the int8 check."""
     path, trained = checkpoint_of(name, args, tmp)
@@ -144,8 +157,7 @@ def time_model(name, args, tmp, jpegs):
     images = decoded(jpegs, predictor.decode_hw, args.full_decode)
     sessions = {"float32": predict.onnx_session(float_path),
                 "int8": predict.onnx_session(int8_path)}
-    ways = {"pytorch": lambda im, hw: np.where(preprocess.binarise(
-        predictor.probability(im, hw), threshold), 255, 0).astype(np.uint8)}
+    ways = {"pytorch": pytorch_way(predictor, threshold, jpegs[0][0])}
     ways.update({k: (lambda s: lambda im, hw: s.run(["mask"], {
         "image": im, "output_size": np.array(hw, np.int64)})[0])(s)
         for k, s in sessions.items()})

@@ -496,3 +496,19 @@ def test_benchmark_report_gives_images_per_second_and_the_ratios():
     assert "int8/pytorch 4.00 (2.00 to 4.00)" in lines[0]
     # 5x4: float32 ratios 2, 4, 4 (median 4); int8 0.5, 1, 2 (median 1)
     assert worst == {"float32": 2.0, "int8": 1.0}
+
+
+def test_benchmark_times_pytorch_as_test_model_image_makes_the_mask(trained):
+    """onnx_speed's PyTorch way, from the image decoded as test_model.py decodes it, gives the
+    mask of evaluate.image_prediction (test_model.py --image with a .pth) exactly."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import evaluate
+    import onnx_speed
+    predictor = predict.load_predictor([str(trained["a"])], None, CPU)
+    threshold = float(predictor.ckpt["settings"]["threshold"])
+    for path in sorted((FIXTURES / "images").glob("*.jpg"))[:3]:
+        image, hw = predict.read_with_size(path, predictor.decode_hw)
+        mask = onnx_speed.pytorch_way(predictor, threshold, path)(image, hw)
+        prob = evaluate.image_prediction(predictor, path)[0]
+        assert mask.shape == prob.shape == hw
+        assert np.array_equal(mask > 0, preprocess.binarise(prob, threshold))
