@@ -95,6 +95,7 @@ def trace(module, opset=OPSET):
         del node.metadata_props[:]
     onnx_format.add_output_size(proto)
     onnx_format.global_pools(proto)
+    onnx_format.planar_resizes_back(proto)
     return proto
 
 

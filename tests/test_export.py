@@ -442,6 +442,30 @@ def test_spatial_means_become_global_average_pools_with_the_same_result(tmp_path
         assert old.shape == new.shape and np.allclose(old, new, atol=1e-6)
 
 
+def test_resize_back_then_squeezed_becomes_a_planar_resize_with_the_same_map(tmp_path):
+    """A Resize to a size computed at run time, squeezed from (1, 1, H, W) to (H, W), resizes
+    the squeezed map instead and writes the output itself; the same values."""
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph(
+        [helper.make_node("Resize", ["x", "", "", "size"], ["big"], name="back", mode="linear"),
+         helper.make_node("Squeeze", ["big", "one"], ["big3"], name="s1"),
+         helper.make_node("Squeeze", ["big3", "zero"], ["p"], name="s0")], "back",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 5]),
+         helper.make_tensor_value_info("size", TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([v], np.int64), k) for k, v in (("one", 1),
+                                                                           ("zero", 0))])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    feed = {"x": np.random.default_rng(1).random((1, 1, 4, 5), dtype=np.float32),
+            "size": np.array([1, 1, 9, 13], np.int64)}
+    before = session_of(proto, tmp_path / "before.onnx").run(None, feed)[0]
+    assert onnx_format.planar_resizes_back(proto) == 1
+    assert [n.op_type for n in proto.graph.node] == ["Squeeze", "Slice", "Resize"]
+    assert proto.graph.node[-1].output[0] == "p"
+    after = session_of(proto, tmp_path / "after.onnx").run(None, feed)[0]
+    assert before.shape == after.shape == (9, 13) and np.array_equal(before, after)
+
+
 def test_grouped_convolutions_and_their_relus_stay_float(tmp_path):
     """float_nodes: the first and last convolutions, a grouped convolution with the ReLU on
     either side, and the producer of a linear Resize's input; not the plain middle ones."""
