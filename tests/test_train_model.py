@@ -492,7 +492,8 @@ def test_the_weight_average_warms_up_its_decay_and_copies_integer_buffers():
 
 
 LEVERS = {"cosine": ["--schedule", "cosine", "--warmup-epochs", "1", "--optimizer", "adamw",
-                     "--weight-decay", "0.05", "--ema-decay", "0.9", "--loss", "dice+bce"],
+                     "--weight-decay", "0.05", "--ema-decay", "0.9", "--loss", "dice+bce",
+                     "--early-epochs", "2", "--early-image-size", "32", "32"],
           "poly": ["--schedule", "poly", "--optimizer", "sgd", "--lr", "1e-2",
                    "--weight-decay", "3e-5", "--ema-decay", "0.9", "--loss", "lovasz"]}
 
@@ -502,10 +503,20 @@ def test_resume_with_every_lever_on_ends_bit_for_bit_as_a_straight_run(demo_data
                                                                        monkeypatch, lever):
     """Stopped in epoch 3 and resumed: the per-step rates, the weights, their average (the
     run's model), the optimiser and the CSV as a straight run's; the CSV's best validation
-    is what --evaluate reports of the best checkpoint, the average."""
+    is what --evaluate reports of the best checkpoint, the average. With progressive resizing
+    (cosine), epochs 1 and 2 train at 32x32 and the resumed epoch 3 at 64x64."""
     data, straight, resumed = fresh_data(demo_data, tmp_path), tmp_path / "a", tmp_path / "b"
     flags = ["--epochs", "3", *LEVERS[lever]]
+    sizes, real = {}, engine.train_one_epoch
+
+    def train_and_note_size(trainer, loader, at, *args, **kwargs):
+        sizes[at] = next(iter(loader))[0].shape[-2:]
+        return real(trainer, loader, at, *args, **kwargs)
+    monkeypatch.setattr(train_model, "train_one_epoch", train_and_note_size)
     assert train(data, straight, *flags) == 0
+    monkeypatch.undo()
+    assert sizes == ({1: (32, 32), 2: (32, 32), 3: (64, 64)} if lever == "cosine" else
+                     {1: (64, 64), 2: (64, 64), 3: (64, 64)})
     interrupt_in_epoch(monkeypatch, 3)
     with pytest.raises(SystemExit):
         train(data, resumed, *flags)
@@ -539,3 +550,16 @@ def test_resume_with_every_lever_on_ends_bit_for_bit_as_a_straight_run(demo_data
     summary = json.loads((resumed / "evaluation" / "fpn_resnet18" / "valid" / "summary.json")
                          .read_text())
     assert summary["iou"] == pytest.approx(float(b[best["epoch"] - 1]["valid_iou"]), abs=1e-4)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--early-image-size", "48", "48"], r"EARLY_IMAGE_SIZE=\(48, 48\) breaks the size rule"),
+    (["--early-image-size", "96", "64"], r"larger than IMAGE_SIZE=\(64, 64\)"),
+    (["--epochs", "2", "--early-image-size", "32", "32"], r"EARLY_EPOCHS=2 leaves no epoch at IMAGE_SIZE")])
+def test_progressive_resizing_refuses_a_size_it_cannot_train(flags, says):
+    args = train_model.parse_args([*TINY, "--epochs", "3", "--early-epochs", "2", *flags])
+    with pytest.raises(settings_lib.SettingError, match=says):
+        train_model.check_settings(args)
+    args = train_model.parse_args([*TINY, "--epochs", "3", "--early-epochs", "2",
+                                   "--early-image-size", "32", "64"])
+    train_model.check_settings(args)  # smaller in one side, a multiple of 32: allowed
