@@ -60,6 +60,7 @@ OPTIMIZER = "adam"                 # the paper's
 WEIGHT_DECAY = 0.0
 EMA_DECAY = 0.0                    # no weight average: the paper's
 LOSS = "dice"                      # the paper's
+DEEP_SUPERVISION = False           # the paper's: a loss on the output alone
 AUGMENT = "full"
 FOLDS = 1
 THRESHOLD = 0.5
@@ -121,6 +122,11 @@ SETTINGS = [
             "every step (warmed up as min(decay, (1+n)/(10+n))): validated, saved as the best "
             "and last model; 0.98 averages about the last 50 steps", FIXED, older=0.0),
     Setting("LOSS", "training loss on the logits", FIXED, choices=model_lib.LOSSES),
+    Setting("DEEP_SUPERVISION", "FPN: also train a 1x1 head on each of the decoder's three "
+            "coarsest pyramid levels (1/32, 1/16, 1/8 of the input at ENCODER_DEPTH 5), against "
+            "the mask at that size, with the "
+            "output's loss weighted 1, 1/2, 1/4, 1/8 as nnU-Net does; the heads stay out of the "
+            "model files (measured on a CPU only: docs/results.md)", FIXED, older=False),
     Setting("AUGMENT", '"full": flips, 90-degree turns, small affine moves, colour jitter; '
             '"flips": flips and turns', FIXED, choices=preprocess.AUGMENTS),
     Setting("FOLDS", "K > 1: cross-validation, one run per fold (--fold I)", FIXED),
@@ -209,6 +215,9 @@ def check_settings(args):
                            f" (nearest: {size_ok})")
     if args.early_epochs:
         check_early_size(args)
+    if args.deep_supervision and args.arch != "FPN":
+        raise SettingError(f"DEEP_SUPERVISION supervises the FPN's pyramid levels: it needs "
+                           f"ARCH FPN, not {args.arch}")
     model_lib.check_arch(args.arch)
     model_lib.check_encoder(args.encoder)
     if not 0.0 < args.threshold < 1.0:
@@ -369,6 +378,10 @@ def start_training(args, state, paths, compute):
                                        state.get("average_updates", 0) if state else 0)
         if state is not None:
             model.load_state_dict(state["trained_model_state"])
+    if args.deep_supervision:  # after the average's copy: the average never holds the heads
+        model_lib.attach_deep_supervision(model)
+        if state is not None:
+            getattr(model, model_lib.DEEP_KEY).load_state_dict(state["deep_supervision_state"])
     optimizer = engine.make_optimizer(model, args.lr, compute.device, args.optimizer,
                                       args.weight_decay)
     scaler = engine.make_scaler(compute.device, compute.mixed)
@@ -421,6 +434,10 @@ def resume_state(run, epoch, valid_iou):
         state.update(trained_model_state=checkpoint.make_checkpoint(
             trainer.model, run.record, epoch, valid_iou)["model_state"],
             average_updates=trainer.average.updates)
+    heads = getattr(getattr(trainer.model, "module", trainer.model), model_lib.DEEP_KEY, None)
+    if heads is not None:
+        state.update(deep_supervision_state={k: v.detach().cpu()
+                                             for k, v in heads.state_dict().items()})
     state.update(optimizer_state=trainer.optimizer.state_dict(), best_iou=progress.best_iou,
                  scaler_state=trainer.scaler.state_dict() if trainer.scaler is not None
                  else None, history=progress.rows,
@@ -575,13 +592,16 @@ def run(args):
         return 0
     if main_process():
         warn_if_disk_low(paths["best"].parent, model)
+    loss_fn = model_lib.make_loss(args.loss)
+    if args.deep_supervision:
+        loss_fn = model_lib.DeepSupervisedLoss(loss_fn, model)
     model = place_model(model, compute, args.sync_batchnorm)
     if average is not None:  # each process keeps its own: the weights are the same in all
         average.model.to(compute.device)
         if compute.channels_last:
             average.model.to(memory_format=torch.channels_last)
     run_ = Run(args, paths, record, engine.Trainer(
-        model, model_lib.make_loss(args.loss), compute.device, optimizer, scaler, compute.mixed,
+        model, loss_fn, compute.device, optimizer, scaler, compute.mixed,
         compute.channels_last, args.threshold, average=average), progress)
     loaders = make_loaders(splits, run_, compute.device, progress.start)
     run_.trainer.plan = lr_plan(args, len(loaders[0]))
