@@ -35,6 +35,7 @@ import torch
 
 import preprocess
 import settings as settings_lib
+import model as model_lib
 from model import build_model
 
 CHECKPOINT_FORMAT = "melanoma-fpn-checkpoint"
@@ -57,8 +58,8 @@ def make_checkpoint(model, run, epoch, valid_iou):
     "data_digest": ..., "split_digest": ...}, the record train_model.run makes."""
     return {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-        "model_state": {k.removeprefix("module."): v.detach().cpu()
-                        for k, v in model.state_dict().items()},
+        "model_state": model_lib.without_deep_supervision(
+            {k.removeprefix("module."): v.detach().cpu() for k, v in model.state_dict().items()}),
         "settings": dict(run["settings"]),
         "epoch": epoch,
         "valid_iou": None if valid_iou is None or math.isnan(valid_iou) else valid_iou,

@@ -87,8 +87,9 @@ class WeightAverage:
     def update(self, model):
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        source = getattr(model, "module", model).state_dict().values()
-        for mine, theirs in zip(self.model.state_dict().values(), source):
+        source = getattr(model, "module", model).state_dict()  # by name: the model may
+        for key, mine in self.model.state_dict().items():  # hold more (deep supervision)
+            theirs = source[key]
             if mine.is_floating_point():
                 mine.lerp_(theirs.detach(), 1.0 - d)
             else:

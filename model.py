@@ -175,3 +175,62 @@ def make_loss(name="dice"):
     if name == "lovasz":
         return smp.losses.LovaszLoss("binary", per_image=True, from_logits=True)
     raise SettingError(f"LOSS={name!r}: use one of {', '.join(LOSSES)}")
+
+
+# ----------------------------------------------------------------------------- deep supervision
+
+# The FPN decoder's pyramid levels that get a head of their own: 1/32, 1/16 and 1/8 of the input
+DEEP_LEVELS = ("p5", "p4", "p3")
+# nnU-Net's weights: the output 1, each coarser level half the one before; normalised to sum 1
+DEEP_WEIGHTS = (1.0, 0.5, 0.25, 0.125)
+DEEP_KEY = "deep_supervision"  # the heads' module; its weights never enter a model file
+
+
+def attach_deep_supervision(model):
+    """Give an FPN a 1x1 head (features -> logits) on each of DEEP_LEVELS, as the submodule
+    DEEP_KEY, and let those levels keep their output while the model trains, for
+    DeepSupervisedLoss. The network's own output is unchanged."""
+    decoder = getattr(model, "decoder", None)
+    if not all(hasattr(decoder, name) for name in DEEP_LEVELS):
+        raise SettingError("DEEP_SUPERVISION: only ARCH FPN has the pyramid levels "
+                           f"{', '.join(DEEP_LEVELS)} it supervises")
+    channels = decoder.p5.out_channels
+    model.add_module(DEEP_KEY, torch.nn.ModuleList(
+        torch.nn.Conv2d(channels, 1, kernel_size=1) for _ in DEEP_LEVELS))
+    for name in DEEP_LEVELS:
+        getattr(decoder, name).register_forward_hook(_keep_training_output)
+    return model
+
+
+def _keep_training_output(module, inputs, output):
+    module.kept_output = output if module.training else None
+
+
+class DeepSupervisedLoss:
+    """The loss of the output, plus the same loss of each head of attach_deep_supervision on
+    its level's features against the true mask shrunk to that level's size (area mean, then
+    cut at 0.5), weighted by DEEP_WEIGHTS. In evaluation mode (validation) the output's loss
+    alone."""
+
+    def __init__(self, loss, model):
+        self.loss, self.model = loss, model
+
+    def __call__(self, logits, masks):
+        main = self.loss(logits, masks)
+        blocks = [getattr(self.model.decoder, name) for name in DEEP_LEVELS]
+        kept = [getattr(b, "kept_output", None) for b in blocks]
+        if not self.model.training or any(k is None for k in kept):
+            return main
+        total = DEEP_WEIGHTS[0] * main
+        for weight, head, block, features in zip(DEEP_WEIGHTS[1:], getattr(self.model, DEEP_KEY),
+                                                 blocks, kept):
+            block.kept_output = None  # used once: no step holds the features of another
+            aux = head(features.float())
+            small = (torch.nn.functional.adaptive_avg_pool2d(masks, aux.shape[-2:]) >= 0.5)
+            total = total + weight * self.loss(aux, small.float())
+        return total / sum(DEEP_WEIGHTS)
+
+
+def without_deep_supervision(state):
+    """A model's state without the heads of attach_deep_supervision: what model files hold."""
+    return {k: v for k, v in state.items() if not k.startswith(DEEP_KEY + ".")}

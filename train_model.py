@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,8 @@ ENCODER = "se_resnext50_32x4d"     # the paper's code used se_resnext50_32x4d
 ENCODER_WEIGHTS = "imagenet"
 ENCODER_DEPTH = 5
 IMAGE_SIZE = (320, 320)            # (height, width)
+EARLY_EPOCHS = 0                   # progressive resizing off: every epoch at IMAGE_SIZE
+EARLY_IMAGE_SIZE = (224, 224)      # the training size of epochs 1 to EARLY_EPOCHS
 MEAN = (0.485, 0.456, 0.406)       # ImageNet's, which the pretrained encoders expect
 STD = (0.229, 0.224, 0.225)
 BATCH_SIZE = 8
@@ -57,6 +60,7 @@ OPTIMIZER = "adam"                 # the paper's
 WEIGHT_DECAY = 0.0
 EMA_DECAY = 0.0                    # no weight average: the paper's
 LOSS = "dice"                      # the paper's
+DEEP_SUPERVISION = False           # the paper's: a loss on the output alone
 AUGMENT = "full"
 FOLDS = 1
 THRESHOLD = 0.5
@@ -87,6 +91,12 @@ SETTINGS = [
             "2**depth", FIXED),
     Setting("IMAGE_SIZE", "(height, width) every image is resized to", FIXED,
             metavar=("H", "W")),
+    Setting("EARLY_EPOCHS", "progressive resizing: epochs 1 to EARLY_EPOCHS train at "
+            "EARLY_IMAGE_SIZE, the later ones at IMAGE_SIZE (0: off); validation always at "
+            "IMAGE_SIZE (measured on a CPU only: docs/results.md)", FIXED, older=0),
+    Setting("EARLY_IMAGE_SIZE", "(height, width) of the training images in the early epochs: "
+            "smaller than IMAGE_SIZE, to buy epochs in the same minutes", FIXED,
+            metavar=("H", "W"), older=(224, 224)),
     Setting("MEAN", "input normalisation of 0..1 pixels: the mean", FIXED,
             metavar=("R", "G", "B")),
     Setting("STD", "input normalisation: the standard deviation", FIXED,
@@ -112,6 +122,11 @@ SETTINGS = [
             "every step (warmed up as min(decay, (1+n)/(10+n))): validated, saved as the best "
             "and last model; 0.98 averages about the last 50 steps", FIXED, older=0.0),
     Setting("LOSS", "training loss on the logits", FIXED, choices=model_lib.LOSSES),
+    Setting("DEEP_SUPERVISION", "FPN: also train a 1x1 head on each of the decoder's three "
+            "coarsest pyramid levels (1/32, 1/16, 1/8 of the input at ENCODER_DEPTH 5), against "
+            "the mask at that size, with the "
+            "output's loss weighted 1, 1/2, 1/4, 1/8 as nnU-Net does; the heads stay out of the "
+            "model files (measured on a CPU only: docs/results.md)", FIXED, older=False),
     Setting("AUGMENT", '"full": flips, 90-degree turns, small affine moves, colour jitter; '
             '"flips": flips and turns', FIXED, choices=preprocess.AUGMENTS),
     Setting("FOLDS", "K > 1: cross-validation, one run per fold (--fold I)", FIXED),
@@ -198,6 +213,11 @@ def check_settings(args):
         raise SettingError(f"IMAGE_SIZE={args.image_size} breaks the size rule: each side must "
                            f"be a multiple of 2**{args.encoder_depth} = {2 ** args.encoder_depth}"
                            f" (nearest: {size_ok})")
+    if args.early_epochs:
+        check_early_size(args)
+    if args.deep_supervision and args.arch != "FPN":
+        raise SettingError(f"DEEP_SUPERVISION supervises the FPN's pyramid levels: it needs "
+                           f"ARCH FPN, not {args.arch}")
     model_lib.check_arch(args.arch)
     model_lib.check_encoder(args.encoder)
     if not 0.0 < args.threshold < 1.0:
@@ -358,6 +378,10 @@ def start_training(args, state, paths, compute):
                                        state.get("average_updates", 0) if state else 0)
         if state is not None:
             model.load_state_dict(state["trained_model_state"])
+    if args.deep_supervision:  # after the average's copy: the average never holds the heads
+        model_lib.attach_deep_supervision(model)
+        if state is not None:
+            getattr(model, model_lib.DEEP_KEY).load_state_dict(state["deep_supervision_state"])
     optimizer = engine.make_optimizer(model, args.lr, compute.device, args.optimizer,
                                       args.weight_decay)
     scaler = engine.make_scaler(compute.device, compute.mixed)
@@ -386,6 +410,20 @@ def check_same_split(state, record, path):
                            f"data; start a new run with another --model-dir")
 
 
+def check_early_size(args):
+    early = tuple(args.early_image_size)
+    if preprocess.permitted_size(early, args.encoder_depth) != early:
+        raise SettingError(f"EARLY_IMAGE_SIZE={early} breaks the size rule: each side must be "
+                           f"a multiple of 2**{args.encoder_depth} = {2 ** args.encoder_depth}")
+    if any(e > s for e, s in zip(early, args.image_size)):
+        raise SettingError(f"EARLY_IMAGE_SIZE={early} is larger than IMAGE_SIZE="
+                           f"{tuple(args.image_size)}: progressive resizing starts smaller")
+    if args.early_epochs >= args.epochs:
+        raise SettingError(f"EARLY_EPOCHS={args.early_epochs} leaves no epoch at IMAGE_SIZE "
+                           f"(EPOCHS={args.epochs}): the model would never train at the size it "
+                           "is validated and used at")
+
+
 def resume_state(run, epoch, valid_iou):
     """The last checkpoint: the run's model (the weight average where one is kept), plus
     what a resume needs: the optimiser, the trained weights beside their average, the logs."""
@@ -396,6 +434,10 @@ def resume_state(run, epoch, valid_iou):
         state.update(trained_model_state=checkpoint.make_checkpoint(
             trainer.model, run.record, epoch, valid_iou)["model_state"],
             average_updates=trainer.average.updates)
+    heads = getattr(getattr(trainer.model, "module", trainer.model), model_lib.DEEP_KEY, None)
+    if heads is not None:
+        state.update(deep_supervision_state={k: v.detach().cpu()
+                                             for k, v in heads.state_dict().items()})
     state.update(optimizer_state=trainer.optimizer.state_dict(), best_iou=progress.best_iou,
                  scaler_state=trainer.scaler.state_dict() if trainer.scaler is not None
                  else None, history=progress.rows,
@@ -550,15 +592,18 @@ def run(args):
         return 0
     if main_process():
         warn_if_disk_low(paths["best"].parent, model)
+    loss_fn = model_lib.make_loss(args.loss)
+    if args.deep_supervision:
+        loss_fn = model_lib.DeepSupervisedLoss(loss_fn, model)
     model = place_model(model, compute, args.sync_batchnorm)
     if average is not None:  # each process keeps its own: the weights are the same in all
         average.model.to(compute.device)
         if compute.channels_last:
             average.model.to(memory_format=torch.channels_last)
     run_ = Run(args, paths, record, engine.Trainer(
-        model, model_lib.make_loss(args.loss), compute.device, optimizer, scaler, compute.mixed,
+        model, loss_fn, compute.device, optimizer, scaler, compute.mixed,
         compute.channels_last, args.threshold, average=average), progress)
-    loaders = make_loaders(splits, run_, compute.device)
+    loaders = make_loaders(splits, run_, compute.device, progress.start)
     run_.trainer.plan = lr_plan(args, len(loaders[0]))
     run_epochs(run_, loaders)
     print(f"best valid IoU {progress.best_iou:.4f} (per image, at original size); model: "
@@ -598,7 +643,11 @@ def place_model(model, compute, sync_batchnorm=False):
 def run_epochs(run, loaders):
     """Train, validate, record and save, epoch after epoch; Ctrl-C says what is saved."""
     args, progress = run.args, run.progress
-    train_loader, valid_loader = loaders
+    full_loader, valid_loader, early_loader = loaders
+    if early_loader is not None:
+        print(f"progressive resizing: epochs {progress.start} to {args.early_epochs} train at "
+              f"{args.early_image_size[0]}x{args.early_image_size[1]}, the later ones at "
+              f"{args.image_size[0]}x{args.image_size[1]}")
     print(f"{'epoch':>5} {'lr':>8} {'train_loss':>10} {'valid_loss':>10} {'valid_iou':>9} "
           f"{'valid_dice':>10} {'valid_tj':>8} {'seconds':>7}")
     print("  (valid scores per image at original size; valid_tj: thresholded Jaccard, the "
@@ -612,6 +661,7 @@ def run_epochs(run, loaders):
                     epoch, args.lr, args.lr_drop_epoch, args.lr_after_drop))
             # dropout: each epoch's (and process's) draws depend on these alone
             torch.manual_seed(args.seed + epoch + 1_000_003 * rank())
+            train_loader = early_loader if epoch <= args.early_epochs else full_loader
             for loader in (train_loader, valid_loader):
                 loader.sampler.set_epoch(epoch)
             trained = train_one_epoch(run.trainer, train_loader, epoch, progress.iter_log,
@@ -622,7 +672,7 @@ def run_epochs(run, loaders):
             check_epoch_finite(valid, run.trainer.model, epoch)
             record_epoch(run, epoch, lr, trained, valid, time.time() - t0)
             saved_epoch = epoch
-            warn_of_missing_images(run, loaders, trained, valid, epoch)
+            warn_of_missing_images(run, (train_loader, valid_loader), trained, valid, epoch)
     except KeyboardInterrupt:
         where = "" if Path(args.model_dir) == Path(MODEL_DIR) else f" --model-dir {args.model_dir}"
         raise Interrupted(
@@ -699,6 +749,10 @@ def load_splits(args, report_path):
             preprocess.PreprocessCache(load_dataset.cache_dir_for(args.data),
                                        args.image_size).build(splits["train"] + splits["valid"],
                                                               progress=not args.quiet)
+            if args.early_epochs:
+                preprocess.PreprocessCache(load_dataset.cache_dir_for(args.data),
+                                           args.early_image_size).build(
+                    splits["train"], progress=not args.quiet)
         dist.barrier()
     return found, splits, split_file
 
@@ -749,21 +803,28 @@ def report_data(found, splits, args, report_path):
         f"Split {k}: {load_dataset.pairs_word(len(v))}" for k, v in splits.items()) + "\n")
 
 
-def make_loaders(splits, run, device):
-    """The training and validation loaders, preprocessing as the run's checkpoints record it."""
+def make_loaders(splits, run, device, start=1):
+    """The training loader, the validation loader, and the training loader of the early
+    epochs' smaller size (progressive resizing; None when off or when a resume starts after
+    them), preprocessing as the run's checkpoints record it; the cache keeps each size."""
     args = run.args
-    cache = None
-    if args.cache:
-        cache = preprocess.PreprocessCache(load_dataset.cache_dir_for(args.data),
-                                           args.image_size)
-    options = load_dataset.LoaderOptions(workers=args.workers, cache=cache, seed=args.seed,
+    options = load_dataset.LoaderOptions(workers=args.workers, seed=args.seed,
                                          pin_memory=device.type == "cuda", rank=rank(),
                                          world=world_size())
     settings = checkpoint.input_settings(run.record)
-    return (load_dataset.make_loader(splits["train"], settings, args.batch_size, options,
-                                     train=True, augment=args.augment),
-            load_dataset.make_loader(splits["valid"], settings, args.batch_size, options,
-                                     truth=True))
+
+    def loader(pairs, size, **kind):
+        cache = (preprocess.PreprocessCache(load_dataset.cache_dir_for(args.data), size)
+                 if args.cache else None)
+        return load_dataset.make_loader(pairs, dataclasses.replace(settings, size_hw=size),
+                                        args.batch_size, dataclasses.replace(options, cache=cache),
+                                        **kind)
+
+    size, early = tuple(args.image_size), tuple(args.early_image_size)
+    return (loader(splits["train"], size, train=True, augment=args.augment),
+            loader(splits["valid"], size, truth=True),
+            loader(splits["train"], early, train=True, augment=args.augment)
+            if start <= args.early_epochs else None)
 
 
 # ----------------------------------------------------------------------------- device

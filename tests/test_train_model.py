@@ -492,9 +492,11 @@ def test_the_weight_average_warms_up_its_decay_and_copies_integer_buffers():
 
 
 LEVERS = {"cosine": ["--schedule", "cosine", "--warmup-epochs", "1", "--optimizer", "adamw",
-                     "--weight-decay", "0.05", "--ema-decay", "0.9", "--loss", "dice+bce"],
+                     "--weight-decay", "0.05", "--ema-decay", "0.9", "--loss", "dice+bce",
+                     "--early-epochs", "2", "--early-image-size", "32", "32"],
           "poly": ["--schedule", "poly", "--optimizer", "sgd", "--lr", "1e-2",
-                   "--weight-decay", "3e-5", "--ema-decay", "0.9", "--loss", "lovasz"]}
+                   "--weight-decay", "3e-5", "--ema-decay", "0.9", "--loss", "lovasz",
+                   "--deep-supervision"]}
 
 
 @pytest.mark.parametrize("lever", LEVERS)
@@ -502,10 +504,20 @@ def test_resume_with_every_lever_on_ends_bit_for_bit_as_a_straight_run(demo_data
                                                                        monkeypatch, lever):
     """Stopped in epoch 3 and resumed: the per-step rates, the weights, their average (the
     run's model), the optimiser and the CSV as a straight run's; the CSV's best validation
-    is what --evaluate reports of the best checkpoint, the average."""
+    is what --evaluate reports of the best checkpoint, the average. With progressive resizing
+    (cosine), epochs 1 and 2 train at 32x32 and the resumed epoch 3 at 64x64."""
     data, straight, resumed = fresh_data(demo_data, tmp_path), tmp_path / "a", tmp_path / "b"
     flags = ["--epochs", "3", *LEVERS[lever]]
+    sizes, real = {}, engine.train_one_epoch
+
+    def train_and_note_size(trainer, loader, at, *args, **kwargs):
+        sizes[at] = next(iter(loader))[0].shape[-2:]
+        return real(trainer, loader, at, *args, **kwargs)
+    monkeypatch.setattr(train_model, "train_one_epoch", train_and_note_size)
     assert train(data, straight, *flags) == 0
+    monkeypatch.undo()
+    assert sizes == ({1: (32, 32), 2: (32, 32), 3: (64, 64)} if lever == "cosine" else
+                     {1: (64, 64), 2: (64, 64), 3: (64, 64)})
     interrupt_in_epoch(monkeypatch, 3)
     with pytest.raises(SystemExit):
         train(data, resumed, *flags)
@@ -524,6 +536,10 @@ def test_resume_with_every_lever_on_ends_bit_for_bit_as_a_straight_run(demo_data
     for key in ("model_state", "trained_model_state"):
         assert all(torch.equal(last_a[key][k], last_b[key][k]) for k in last_a[key]), key
     assert last_a["average_updates"] == last_b["average_updates"] == 12
+    if lever == "poly":  # the deep supervision heads are in the resume state, not the model's
+        heads_a, heads_b = last_a["deep_supervision_state"], last_b["deep_supervision_state"]
+        assert len(heads_a) == 6 and all(torch.equal(heads_a[k], heads_b[k]) for k in heads_a)
+        assert not any(k.startswith("deep") for k in last_b["model_state"])
     moments = "exp_avg" if lever == "cosine" else "momentum_buffer"
     state_a, state_b = last_a["optimizer_state"]["state"], last_b["optimizer_state"]["state"]
     assert all(torch.equal(state_a[i][moments], state_b[i][moments]) for i in state_a)
@@ -539,3 +555,50 @@ def test_resume_with_every_lever_on_ends_bit_for_bit_as_a_straight_run(demo_data
     summary = json.loads((resumed / "evaluation" / "fpn_resnet18" / "valid" / "summary.json")
                          .read_text())
     assert summary["iou"] == pytest.approx(float(b[best["epoch"] - 1]["valid_iou"]), abs=1e-4)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--early-image-size", "48", "48"], r"EARLY_IMAGE_SIZE=\(48, 48\) breaks the size rule"),
+    (["--early-image-size", "96", "64"], r"larger than IMAGE_SIZE=\(64, 64\)"),
+    (["--epochs", "2", "--early-image-size", "32", "32"], r"EARLY_EPOCHS=2 leaves no epoch at IMAGE_SIZE")])
+def test_progressive_resizing_refuses_a_size_it_cannot_train(flags, says):
+    args = train_model.parse_args([*TINY, "--epochs", "3", "--early-epochs", "2", *flags])
+    with pytest.raises(settings_lib.SettingError, match=says):
+        train_model.check_settings(args)
+    args = train_model.parse_args([*TINY, "--epochs", "3", "--early-epochs", "2",
+                                   "--early-image-size", "32", "64"])
+    train_model.check_settings(args)  # smaller in one side, a multiple of 32: allowed
+
+
+def test_deep_supervision_adds_each_levels_loss_at_its_size_and_leaves_the_model_file_as_is():
+    torch.manual_seed(0)
+    net = model_lib.attach_deep_supervision(model_lib.build_model("resnet18", None, 5, "FPN"))
+    base = model_lib.make_loss("dice+bce")
+    loss = model_lib.DeepSupervisedLoss(base, net)
+    images = torch.randn(2, 3, 64, 64)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[:, :, 8:40, 16:48] = 1.0  # 32x32 of lesion: whole cells at 1/8 and 1/16
+    net.train()
+    logits = net(images)
+    kept = [getattr(net.decoder, n).kept_output for n in model_lib.DEEP_LEVELS]
+    assert [tuple(k.shape[-2:]) for k in kept] == [(2, 2), (4, 4), (8, 8)]
+    heads = getattr(net, model_lib.DEEP_KEY)
+    small = [torch.zeros(2, 1, s, s) for s in (2, 4, 8)]
+    small[2][:, :, 1:5, 2:6] = 1.0
+    # cells of 16 px: rows 8:40 cover half of cell 0, cell 1 and half of cell 2 (half counts)
+    small[1][:, :, 0:3, 1:3] = 1.0
+    # cells of 32 px: at most 3/4 x 1/2 of a cell is lesion, under the half: none
+    expected = (1.0 * base(logits, masks) + sum(
+        w * base(h(k.float()), m) for w, h, k, m in zip((0.5, 0.25, 0.125), heads, kept, small))
+    ) / 1.875
+    assert loss(logits, masks).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert all(getattr(net.decoder, n).kept_output is None for n in model_lib.DEEP_LEVELS)
+    net.eval()  # validation: the output's loss alone
+    with torch.no_grad():
+        logits = net(images)
+        assert loss(logits, masks).item() == pytest.approx(base(logits, masks).item())
+    ckpt = ckpt_lib.make_checkpoint(net, {"settings": {}}, 1, 0.5)
+    plain = model_lib.build_model("resnet18", None, 5, "FPN")
+    plain.load_state_dict(ckpt["model_state"])  # strict: no head, nothing missing
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(images), net(images))
