@@ -522,17 +522,20 @@ def test_benchmark_report_gives_images_per_second_and_the_ratios():
     assert worst == {"float32": 2.0, "int8": 1.0}
 
 
-def test_benchmark_times_pytorch_as_test_model_image_makes_the_mask(trained):
+def test_benchmark_times_pytorch_as_test_model_image_makes_the_mask(trained, tmp_path):
     """onnx_speed's PyTorch way, from the image decoded as test_model.py decodes it, gives the
-    mask of evaluate.image_prediction (test_model.py --image with a .pth) exactly."""
+    mask of evaluate.image_prediction (test_model.py --image with a .pth) exactly; cut at the
+    map's median, so that half the pixels lie near the cut and another resize would show."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import evaluate
     import onnx_speed
     predictor = predict.load_predictor([str(trained["a"])], None, CPU)
-    threshold = float(predictor.ckpt["settings"]["threshold"])
-    for path in sorted((FIXTURES / "images").glob("*.jpg"))[:3]:
+    for hw in ((200, 300), (97, 131)):  # shrunk to 64x64 by OpenCV's area resize
+        path = tmp_path / f"{hw[0]}x{hw[1]}.png"
+        Image.fromarray(export_model.check_image(hw, seed=hw[1])).save(path)
         image, hw = predict.read_with_size(path, predictor.decode_hw)
-        mask = onnx_speed.pytorch_way(predictor, threshold, path)(image, hw)
         prob = evaluate.image_prediction(predictor, path)[0]
+        threshold = float(np.median(prob))
+        mask = onnx_speed.pytorch_way(predictor, threshold, path)(image, hw)
         assert mask.shape == prob.shape == hw
         assert np.array_equal(mask > 0, preprocess.binarise(prob, threshold))
