@@ -27,9 +27,27 @@ same way and compared with --reference runs/fpn:
     cosine  --schedule cosine --warmup-epochs 1 --lr 1e-3
     ema     --ema-decay 0.98
     dicebce --loss dice+bce
+    noema   --schedule cosine --warmup-epochs 1 --lr 1e-3 --loss dice+bce --optimizer adamw \
+            --weight-decay 1e-2
+    adamw   --optimizer adamw --weight-decay 1e-2
+    lovasz  --loss lovasz
+    sgd     --optimizer sgd --lr 1e-2 --schedule poly --weight-decay 3e-5
+    ds      --deep-supervision
+    prog96  --epochs 17 --lr-drop-epoch 14 --early-epochs 9 --early-image-size 96 96
+    batch4  --batch-size 4 --epochs 11 --lr-drop-epoch 8
+    dbprog  --loss dice+bce --epochs 17 --lr-drop-epoch 14 --early-epochs 9 \
+            --early-image-size 96 96
+    final   --schedule cosine --warmup-epochs 1 --lr 1e-3 --ema-decay 0.98 --loss dice+bce \
+            --optimizer adamw --weight-decay 1e-2 --epochs 17 --early-epochs 9 \
+            --early-image-size 96 96
 
     python benchmarks/compare_recipes.py --reference runs/fpn runs/combo runs/cosine runs/ema \
-        runs/dicebce --last
+        runs/dicebce runs/noema runs/adamw runs/lovasz runs/sgd runs/ds runs/prog96 \
+        runs/batch4 runs/dbprog runs/final --last
+
+(prog96, dbprog and final: 9 epochs at 96x96 cost about 5 at 128x128, so 17 epochs take the
+time of 13; batch4: a step of 4 images trained 0.87 times as many images a second as one of
+8 in benchmarks/encoder_speed.py, so 11 epochs.)
 
 The baseline is one of two:
 
