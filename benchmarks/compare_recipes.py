@@ -49,9 +49,9 @@ same way and compared with --reference runs/fpn:
         runs/batch4 runs/dbprog runs/final runs/regnety runs/b4lov runs/b4db --last
 
 (prog96, dbprog and final: 9 epochs at 96x96 cost about 5 at 128x128, so 17 epochs take the
-time of 13; batch4: a step of 4 images trained 0.87 times as many images a second as one of
-8 in benchmarks/encoder_speed.py, so 11 epochs (b4lov, b4db too); regnety: timm's regnety_004 trained 1.33
-times as many images a second as resnet18 there, so 17 epochs.)
+time of 13; batch4, b4lov and b4db: a step of 4 images trained 0.87 times as many images a
+second as one of 8 in benchmarks/encoder_speed.py, so 11 epochs; regnety: timm's
+regnety_004 trained 1.33 times as many images a second as resnet18 there, so 17 epochs.)
 
 The baseline is one of two:
 
