@@ -43,15 +43,19 @@ same way and compared with --reference runs/fpn:
     regnety --encoder tu-regnety_004 --epochs 17 --lr-drop-epoch 14
     b4lov   --loss lovasz --batch-size 4 --epochs 11 --lr-drop-epoch 8
     b4db    --loss dice+bce --batch-size 4 --epochs 11 --lr-drop-epoch 8
+    b4dbprog --loss dice+bce --batch-size 4 --epochs 14 --lr-drop-epoch 11 --early-epochs 7 \
+            --early-image-size 96 96
 
     python benchmarks/compare_recipes.py --reference runs/fpn runs/combo runs/cosine runs/ema \
         runs/dicebce runs/noema runs/adamw runs/lovasz runs/sgd runs/ds runs/prog96 \
-        runs/batch4 runs/dbprog runs/final runs/regnety runs/b4lov runs/b4db --last
+        runs/batch4 runs/dbprog runs/final runs/regnety runs/b4lov runs/b4db \
+        runs/b4dbprog --last
 
 (prog96, dbprog and final: 9 epochs at 96x96 cost about 5 at 128x128, so 17 epochs take the
 time of 13; batch4, b4lov and b4db: a step of 4 images trained 0.87 times as many images a
-second as one of 8 in benchmarks/encoder_speed.py, so 11 epochs; regnety: timm's
-regnety_004 trained 1.33 times as many images a second as resnet18 there, so 17 epochs.)
+second as one of 8 in benchmarks/encoder_speed.py, so 11 epochs, and b4dbprog's 7 at 96x96
+cost about 4 of those; regnety: timm's regnety_004 trained 1.33 times as many images a
+second as resnet18 there, so 17 epochs.)
 
 The baseline is one of two:
 
