@@ -40,6 +40,7 @@ def project_flags():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import compare_recipes
     import demo_data
+    import encoder_speed
     import export_model
     import gpu_check
     import load_dataset
@@ -53,6 +54,7 @@ def project_flags():
 
     parses = [train_model.parse_args, test_model.parse_args, export_model.parse_args,
               load_dataset.main, demo_data.main, compare_recipes.main, gpu_check.parse_args,
+              encoder_speed.parse_args,
               onnx_speed.parse_args, pipeline.parse_args, plain_loop.parse_args,
               profile_epoch.main, screenshot_report.main]
     flags = set()
