@@ -493,7 +493,7 @@ def test_the_weight_average_warms_up_its_decay_and_copies_integer_buffers():
 
 LEVERS = {"cosine": ["--schedule", "cosine", "--warmup-epochs", "1", "--optimizer", "adamw",
                      "--weight-decay", "0.05", "--ema-decay", "0.9", "--loss", "dice+bce",
-                     "--early-epochs", "2", "--early-image-size", "32", "32"],
+                     "--early-epochs", "2", "--early-image-size", "32", "32", "--workers", "1"],
           "poly": ["--schedule", "poly", "--optimizer", "sgd", "--lr", "1e-2",
                    "--weight-decay", "3e-5", "--ema-decay", "0.9", "--loss", "lovasz",
                    "--deep-supervision"]}
@@ -505,7 +505,8 @@ def test_resume_with_every_lever_on_ends_bit_for_bit_as_a_straight_run(demo_data
     """Stopped in epoch 3 and resumed: the per-step rates, the weights, their average (the
     run's model), the optimiser and the CSV as a straight run's; the CSV's best validation
     is what --evaluate reports of the best checkpoint, the average. With progressive resizing
-    (cosine), epochs 1 and 2 train at 32x32 and the resumed epoch 3 at 64x64."""
+    (cosine), epochs 1 and 2 train at 32x32 and the resumed epoch 3 at 64x64; that straight run
+    reads through a loader worker (as the default WORKERS does), the resumed one in-process."""
     data, straight, resumed = fresh_data(demo_data, tmp_path), tmp_path / "a", tmp_path / "b"
     flags = ["--epochs", "3", *LEVERS[lever]]
     sizes, real = {}, engine.train_one_epoch
