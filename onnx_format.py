@@ -136,6 +136,16 @@ def add_output_size(proto):
     proto.graph.node.extend(nodes)
 
 
+def constant_values(graph):
+    """{name: array} of a graph's initializers and Constant nodes' values."""
+    from onnx import numpy_helper
+
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                   if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    return values
+
+
 def planar_resizes_back(proto):
     """Each resize back to the image's size whose (1, 1, height, width) result is squeezed to
     (height, width) resizes the squeezed network-size map instead: the same values, written
@@ -144,12 +154,10 @@ def planar_resizes_back(proto):
     from onnx import helper, numpy_helper
 
     graph = proto.graph
-    readers, values = {}, {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    readers, values = {}, constant_values(graph)
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-        if node.op_type == "Constant" and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
 
     def squeeze_of(name, axis):  # the one reader of `name`, a Squeeze of `axis` alone
         nodes = readers.get(name, [])
@@ -197,12 +205,10 @@ def global_pools(proto):
     torch.onnx writes as a ReduceMean): onnxruntime runs GlobalAveragePool in its channels-last
     int8 kernels, where the float ReduceMeans took 30 of the 228 ms of se_resnext50_32x4d's
     int8 graph (docs/speed.md). Returns how many were replaced."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = proto.graph
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-                   if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    values = constant_values(graph)
     ranks = {v.name: len(v.type.tensor_type.shape.dim)
              for v in list(graph.value_info) + list(graph.input)}
     replaced = 0
