@@ -382,6 +382,10 @@ def start_training(args, state, paths, compute):
         model_lib.attach_deep_supervision(model)
         if state is not None:
             getattr(model, model_lib.DEEP_KEY).load_state_dict(state["deep_supervision_state"])
+    # on the device before the optimiser reads its state: load_state_dict puts each moment
+    # where its parameter is, and a later move leaves them behind (a resume on CUDA stopped
+    # at its first step with moments on the CPU)
+    model.to(compute.device)
     optimizer = engine.make_optimizer(model, args.lr, compute.device, args.optimizer,
                                       args.weight_decay)
     scaler = engine.make_scaler(compute.device, compute.mixed)

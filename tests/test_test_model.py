@@ -91,7 +91,7 @@ def darkness(model, images, device, tta="none"):
     each image (the generated lesions are dark), as probabilities at network size."""
     gray = images.mean(1)
     z = (gray - gray.mean((1, 2), keepdim=True)) / gray.std((1, 2), keepdim=True)
-    return torch.sigmoid(-3 * z - 1).numpy()
+    return torch.sigmoid(-3 * z - 1).cpu().numpy()
 
 
 def darkness_module(monkeypatch):
