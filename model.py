@@ -157,23 +157,27 @@ def load_encoder_weights(model, path, encoder):
     torch.nn.Module.load_state_dict(model.encoder, state, strict=False)
 
 
-LOSSES = ("dice", "dice+bce", "lovasz")
+LOSSES = ("dice", "dice+bce", "lovasz", "dice+bce+lovasz")
 
 
 def make_loss(name="dice"):
     """The training loss on logits: the paper's Dice (over the batch), Dice plus binary
-    cross-entropy 1:1 (nnU-Net's default), or the Lovasz hinge per image (a surrogate of each
-    image's IoU, which is how ISIC scores)."""
+    cross-entropy 1:1 (nnU-Net's default), the Lovasz hinge per image (a surrogate of each
+    image's IoU, which is how ISIC scores), or the three summed 1:1:1."""
     import segmentation_models_pytorch as smp
 
     dice = smp.losses.DiceLoss("binary", from_logits=True)
+    bce = torch.nn.BCEWithLogitsLoss()
+    lovasz = smp.losses.LovaszLoss("binary", per_image=True, from_logits=True)
     if name == "dice":
         return dice
     if name == "dice+bce":
-        bce = torch.nn.BCEWithLogitsLoss()
         return lambda logits, masks: dice(logits, masks) + bce(logits, masks)
     if name == "lovasz":
-        return smp.losses.LovaszLoss("binary", per_image=True, from_logits=True)
+        return lovasz
+    if name == "dice+bce+lovasz":
+        return lambda logits, masks: dice(logits, masks) + bce(logits, masks) + lovasz(logits,
+                                                                                      masks)
     raise SettingError(f"LOSS={name!r}: use one of {', '.join(LOSSES)}")
 
 

@@ -571,6 +571,22 @@ def test_progressive_resizing_refuses_a_size_it_cannot_train(flags, says):
     train_model.check_settings(args)  # smaller in one side, a multiple of 32: allowed
 
 
+def test_the_three_losses_summed_give_their_known_values_at_zero_logits():
+    """At logits 0 (probability 1/2 everywhere) on masks half lesion: Dice loss 1 - 0.5/(0.5 +
+    0.5) = 0.5, cross-entropy ln 2, and the Lovasz hinge 1 per image (every pixel's hinge error
+    is 1, and the Lovasz extension at errors all 1 is the Jaccard loss of every pixel wrong)."""
+    assert "dice+bce+lovasz" in model_lib.LOSSES
+    logits = torch.zeros(2, 1, 4, 4)
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[:, :, :2] = 1.0
+    parts = {name: model_lib.make_loss(name)(logits, masks).item()
+             for name in ("dice", "dice+bce", "lovasz", "dice+bce+lovasz")}
+    assert parts["dice"] == pytest.approx(0.5, abs=1e-6)
+    assert parts["dice+bce"] == pytest.approx(0.5 + math.log(2), abs=1e-6)
+    assert parts["lovasz"] == pytest.approx(1.0, abs=1e-6)
+    assert parts["dice+bce+lovasz"] == pytest.approx(1.5 + math.log(2), abs=1e-6)
+
+
 def test_deep_supervision_adds_each_levels_loss_at_its_size_and_leaves_the_model_file_as_is():
     torch.manual_seed(0)
     net = model_lib.attach_deep_supervision(model_lib.build_model("resnet18", None, 5, "FPN"))
