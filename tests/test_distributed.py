@@ -1,6 +1,7 @@
 """train_model.py under `torchrun --nproc_per_node=2` with gloo on the CPU: one log and one
 checkpoint, validation over every image once, an exact resume, a NaN in one process
-stopping both, and an empty batch in one process skipped by both."""
+stopping both, an empty batch in one process skipped by both, and the deep supervision heads'
+gradients averaged over the processes."""
 import csv
 import json
 import os
@@ -100,3 +101,15 @@ def test_an_empty_batch_in_one_process_is_skipped_by_both(data, tmp_path):
     assert "epoch 1: 4 training and 0 validation image(s) could not be read" in run.stdout
     assert "epoch 1: 4 training image(s) were read but skipped" in run.stdout
     assert len(log_rows(tmp_path / "Model")) == 1
+
+
+def test_deep_supervision_heads_get_the_gradient_averaged_over_both_processes(data, tmp_path):
+    out = tmp_path / "Model"
+    out.mkdir()
+    run = torchrun(data, out, "--epochs", "1", "--deep-supervision",
+                   script="tests/deep_supervision_in_2_processes.py")
+    assert run.returncode == 0, run.stderr[-2000:]
+    grads = [json.loads((out / f"grads_{rank}.json").read_text()) for rank in (0, 1)]
+    # each process trained on its own images, yet every gradient, the heads' included, is the same
+    assert grads[0] == grads[1]
+    assert len(grads[0]) > 6 and all(g != 0 for g in grads[0][-6:])
