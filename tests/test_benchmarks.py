@@ -124,6 +124,29 @@ def test_table_pairs_each_folder_with_a_reference_recipe_fold_by_fold(tmp_path, 
                               str(other)])
 
 
+def test_second_draw_averages_each_image_over_both_draws_before_pairing(tmp_path, capsys):
+    for name, ious in (("fpn", (0.5, 0.7, 0.4)), ("fpn_s7", (0.7, 0.7, 0.6)),
+                       ("unet", (0.6, 0.8, 0.6)), ("unet_s7", (0.8, 0.6, 0.8))):
+        recipe_folder(tmp_path / name, ious)
+    compare_recipes.main(["--reference", str(tmp_path / "fpn"), str(tmp_path / "unet"),
+                          "--second-draw", "_s7"])
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index("| --- | --- | --- | --- |") + 1:]
+    # the reference averaged: IoU a 0.6, b 0.7, c 0.5; thresholded (0 below 0.65) a 0.35, b 0.7,
+    # c 0 (mean 0.35)
+    assert table[0] == "| fpn | 0.600 | 0.350 | +0.000 / +0.000 |"
+    # unet averaged: IoU 0.7 each, paired per image +0.1, 0.0, +0.2; thresholded 0.4 each
+    # (+0.05, -0.3, +0.4: mean +0.05); in each draw alone thresholded Jaccard 0.267 - 0.233 and
+    # 0.533 - 0.467
+    assert table[1].startswith("| unet | 0.700 (+0.100; [+0.000, +0.200]) | 0.400 (+0.050; [")
+    assert table[1].endswith("| +0.033 / +0.067 |")
+    (tmp_path / "unet_s7" / "cross_validation" / "per_image.csv").write_text(
+        "fold,id,tta,postprocess,iou,threshold_jaccard\n0,a,none,False,0.8,0.8\n")
+    with pytest.raises(SystemExit, match="did not score the same images"):
+        compare_recipes.main(["--reference", str(tmp_path / "fpn"), str(tmp_path / "unet"),
+                              "--second-draw", "_s7"])
+
+
 # ----------------------------------------------------------------------------- confidence study
 
 def test_the_study_reads_the_identity_view_for_the_plain_candidates():
