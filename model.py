@@ -166,19 +166,15 @@ def make_loss(name="dice"):
     image's IoU, which is how ISIC scores), or the three summed 1:1:1."""
     import segmentation_models_pytorch as smp
 
-    dice = smp.losses.DiceLoss("binary", from_logits=True)
-    bce = torch.nn.BCEWithLogitsLoss()
-    lovasz = smp.losses.LovaszLoss("binary", per_image=True, from_logits=True)
-    if name == "dice":
-        return dice
-    if name == "dice+bce":
-        return lambda logits, masks: dice(logits, masks) + bce(logits, masks)
-    if name == "lovasz":
-        return lovasz
-    if name == "dice+bce+lovasz":
-        return lambda logits, masks: dice(logits, masks) + bce(logits, masks) + lovasz(logits,
-                                                                                      masks)
-    raise SettingError(f"LOSS={name!r}: use one of {', '.join(LOSSES)}")
+    known = {"dice": smp.losses.DiceLoss("binary", from_logits=True),
+             "bce": torch.nn.BCEWithLogitsLoss(),
+             "lovasz": smp.losses.LovaszLoss("binary", per_image=True, from_logits=True)}
+    if name not in LOSSES:
+        raise SettingError(f"LOSS={name!r}: use one of {', '.join(LOSSES)}")
+    terms = [known[part] for part in name.split("+")]
+    if len(terms) == 1:
+        return terms[0]
+    return lambda logits, masks: sum(term(logits, masks) for term in terms)
 
 
 # ----------------------------------------------------------------------------- deep supervision

@@ -46,17 +46,31 @@ same way and compared with --reference runs/fpn:
     b4db    --loss dice+bce --batch-size 4 --epochs 11 --lr-drop-epoch 8
     b4dbprog --loss dice+bce --batch-size 4 --epochs 14 --lr-drop-epoch 11 --early-epochs 7 \
             --early-image-size 96 96
+    b4dbhi  --loss dice+bce --batch-size 4 --epochs 11 --lr-drop-epoch 8 --lr 6e-4 \
+            --lr-after-drop 6e-5
+    b2db    --loss dice+bce --batch-size 2 --epochs 9 --lr-drop-epoch 7
+    b4dbl   --loss dice+bce+lovasz --batch-size 4 --epochs 11 --lr-drop-epoch 8
+    b4dbfl  --loss dice+bce --batch-size 4 --epochs 11 --lr-drop-epoch 8 --augment flips
 
     python benchmarks/compare_recipes.py --reference runs/fpn runs/combo runs/cosine runs/ema \
         runs/dicebce runs/noema runs/adamw runs/lovasz runs/sgd runs/ds runs/prog96 \
         runs/batch4 runs/dbprog runs/final runs/regnety runs/b4lov runs/b4db \
         runs/b4dbprog --last
 
+Then the last four and b4db, with the reference (the FPN recipe above, in runs/ref), once more
+with `--seed 7` into NAME_s7 (b4dbl and the reference also with `--seed 11` into NAME_s11):
+
+    python benchmarks/compare_recipes.py --reference runs/ref runs/b4db runs/b4dbhi runs/b2db \
+        runs/b4dbl runs/b4dbfl --last --second-draw _s7
+    python benchmarks/compare_recipes.py --reference runs/ref_s11 runs/b4dbl_s11 --last
+
 (prog96, dbprog and final: 9 epochs at 96x96 cost about 5 at 128x128, so 17 epochs take the
 time of 13; batch4, b4lov and b4db: a step of 4 images trained 0.87 times as many images a
 second as one of 8 in benchmarks/encoder_speed.py, so 11 epochs, and b4dbprog's 7 at 96x96
 cost about 4 of those; regnety: timm's regnety_004 trained 1.33 times as many images a
-second as resnet18 there, so 17 epochs.)
+second as resnet18 there, so 17 epochs; b2db: a step of 2 trained 0.81 times as many as one
+of 4, so 9 epochs; b4dbl: the Lovasz hinge adds about 10 ms to a step of about 370 ms, so
+b4db's 11 epochs.)
 
 The baseline is one of two:
 
