@@ -2,7 +2,7 @@
 
     python benchmarks/compare_recipes.py --plain runs/plain runs/fpn runs/unet --last
     python benchmarks/compare_recipes.py --reference runs/fpn runs/unet runs/deeplabv3plus --last
-    python benchmarks/compare_recipes.py --reference runs/ref runs/b4db --last --second-draw _s7
+    python benchmarks/compare_recipes.py --reference runs/ref runs/b4db --last --more-draws _s7
 
 The runs behind the tables (D: the data; one run at a time, one thread each):
 
@@ -61,7 +61,7 @@ Then the last four and b4db, with the reference (the FPN recipe above, in runs/r
 with `--seed 7` into NAME_s7 (b4dbl and the reference also with `--seed 11` into NAME_s11):
 
     python benchmarks/compare_recipes.py --reference runs/ref runs/b4db runs/b4dbhi runs/b2db \
-        runs/b4dbl runs/b4dbfl --last --second-draw _s7
+        runs/b4dbl runs/b4dbfl --last --more-draws _s7
     python benchmarks/compare_recipes.py --reference runs/ref_s11 runs/b4dbl_s11 --last
 
 (prog96, dbprog and final: 9 epochs at 96x96 cost about 5 at 128x128, so 17 epochs take the
@@ -92,11 +92,11 @@ both, metrics.paired_bootstrap); then the training minutes per fold (validation 
 the recipes) and training images per second. A recipe's test-time and post-processing
 variants are also paired against its plain variant.
 
-With --second-draw SUFFIX, every folder F (the reference's too) was also trained with another
---seed (other folds, another start) into F+SUFFIX, and scored the same way; a second table
-then gives each variant's scores averaged per image over the two draws, paired per image with
-the reference's plain variant averaged the same way (a recipe picked on one draw is judged on
-both), and the thresholded Jaccard gain in each draw alone.
+With --more-draws SUFFIX [SUFFIX ...], every folder F (the reference's too) was also trained
+with other --seed values (other folds, other starts) into F+SUFFIX, and scored the same way; a
+second table then gives each variant's scores averaged per image over the draws, paired per
+image with the reference's plain variant averaged the same way (a recipe picked on one draw is
+judged on all), and the thresholded Jaccard gain in each draw alone.
 
 Everything is read from files the runs write: per-image CSVs, the cross-validation
 summary.json (training pairs per fold, beside each fold checkpoint's "settings") and each
@@ -267,31 +267,33 @@ def recipe_rows(folder, run, baseline, gains):
     return lines
 
 
-def averaged_draws(first, second, folder):
-    """Per image and variant, the mean of two draws' scores: the same images, scored in other
-    folds by models from another start."""
-    theirs = {(r["id"], r["tta"], r["postprocess"]): r for r in second}
-    if len(theirs) != len(first) or any((r["id"], r["tta"], r["postprocess"]) not in theirs
-                                        for r in first):
-        sys.exit(f"{folder}: the two draws did not score the same images and variants")
-    return [{**r, **{k: (float(r[k]) + float(theirs[r["id"], r["tta"], r["postprocess"]][k]))
-                     / 2 for k in KEYS}} for r in first]
+def averaged_draws(draws, folder):
+    """Per image and variant, the mean of several draws' scores: the same images, scored in
+    other folds by models from other starts."""
+    first, others = draws[0], draws[1:]
+    keyed = [{(r["id"], r["tta"], r["postprocess"]): r for r in rows} for rows in others]
+    if any(len(k) != len(first) or any((r["id"], r["tta"], r["postprocess"]) not in k
+                                       for r in first) for k in keyed):
+        sys.exit(f"{folder}: its draws did not score the same images and variants")
+    return [{**r, **{k: statistics.mean([float(r[k])] + [float(
+        other[r["id"], r["tta"], r["postprocess"]][k]) for other in keyed]) for k in KEYS}}
+        for r in first]
 
 
-def two_draw_rows(folder, draws, reference):
-    """Rows of the two-draw table: each variant of a folder, averaged over its two draws, paired
-    per image with the reference's plain variant averaged the same way; then the gain in each
-    draw alone."""
-    both = variants_of(averaged_draws(*draws, folder))
+def draw_rows(folder, draws, reference):
+    """Rows of the table of --more-draws: each variant of a folder, averaged over its draws,
+    paired per image with the reference's plain variant averaged the same way; then the
+    thresholded Jaccard gain in each draw alone."""
+    every = variants_of(averaged_draws(draws, folder))
     if draws is reference["draws"]:
-        both[PLAIN_VARIANT] = reference["both"]
+        every[PLAIN_VARIANT] = reference["every"]
     singles = [variants_of(rows) for rows in draws]
     lines = []
-    for variant, mine in both.items():
+    for variant, mine in every.items():
         name = folder.name if variant == PLAIN_VARIANT else \
             f"{folder.name}, tta {variant[0]}, post-processing {variant[1]}"
-        boot = per_image_difference(mine, reference["both"])
-        cells = [f"{pooled(mine)[k]:.3f}" + ("" if mine is reference["both"] else
+        boot = per_image_difference(mine, reference["every"])
+        cells = [f"{pooled(mine)[k]:.3f}" + ("" if mine is reference["every"] else
                  f" ({boot[k]['mean']:+.3f}; [{boot[k]['low']:+.3f}, {boot[k]['high']:+.3f}])")
                  for k in KEYS]
         each = " / ".join(f"{pooled(one[variant])['threshold_jaccard'] - pooled(ref)['threshold_jaccard']:+.3f}"
@@ -300,25 +302,27 @@ def two_draw_rows(folder, draws, reference):
     return lines
 
 
-def print_two_draws(args):
-    """The table of --second-draw."""
+def print_more_draws(args):
+    """The table of --more-draws."""
     def draws(folder):
-        second = folder.with_name(folder.name + args.second_draw)
-        return [read_recipe(f, args.last)[0] for f in (folder, second)]
+        return [read_recipe(folder.with_name(folder.name + suffix), args.last)[0]
+                for suffix in ["", *args.more_draws]]
 
     ref_draws = draws(args.reference)
-    reference = {"both": variants_of(averaged_draws(*ref_draws, args.reference))[PLAIN_VARIANT],
+    reference = {"every": variants_of(averaged_draws(ref_draws, args.reference))[PLAIN_VARIANT],
                  "each": [variants_of(rows)[PLAIN_VARIANT] for rows in ref_draws],
                  "draws": ref_draws}
-    print(f"\nTwo draws (each folder F and F{args.second_draw}), averaged per image; each paired "
-          f"with the reference's plain variant averaged the same way:\n")
-    print("| recipe | out-of-fold IoU, two draws (vs reference; 95% paired bootstrap) | "
-          "out-of-fold thresholded Jaccard, two draws (vs reference; 95% paired bootstrap) | "
-          "thresholded Jaccard vs reference, first / second draw |")
+    n = len(ref_draws)
+    names = ", ".join(f"F{suffix}" for suffix in args.more_draws)
+    print(f"\n{n} draws (each folder F and {names}), averaged per image; each paired with the "
+          f"reference's plain variant averaged the same way:\n")
+    print(f"| recipe | out-of-fold IoU, {n} draws (vs reference; 95% paired bootstrap) | "
+          f"out-of-fold thresholded Jaccard, {n} draws (vs reference; 95% paired bootstrap) | "
+          f"thresholded Jaccard vs reference, each draw |")
     print("| --- | --- | --- | --- |")
-    print("\n".join(two_draw_rows(args.reference, ref_draws, reference)))
+    print("\n".join(draw_rows(args.reference, ref_draws, reference)))
     for folder in args.recipes:
-        print("\n".join(two_draw_rows(folder, draws(folder), reference)))
+        print("\n".join(draw_rows(folder, draws(folder), reference)))
 
 
 def parse_args(argv=None):
@@ -330,12 +334,13 @@ def parse_args(argv=None):
                                "--cross-validation) that every other folder is paired with")
     p.add_argument("recipes", type=Path, nargs="+", help="folders of fold models")
     p.add_argument("--last", action="store_true", help="the recipes' last-epoch scores")
-    p.add_argument("--second-draw", metavar="SUFFIX",
-                   help="each folder F (the reference's too) was also trained with another "
-                        "--seed into F+SUFFIX: add a table of the two draws averaged per image")
+    p.add_argument("--more-draws", nargs="+", metavar="SUFFIX", default=[],
+                   help="each folder F (the reference's too) was also trained with other "
+                        "--seed values into F+SUFFIX: add a table of the draws averaged per "
+                        "image")
     args = p.parse_args(argv)
-    if args.second_draw and args.reference is None:
-        p.error("--second-draw needs --reference")
+    if args.more_draws and args.reference is None:
+        p.error("--more-draws needs --reference")
     return args
 
 
@@ -362,8 +367,8 @@ def main(argv=None):
     for folder in args.recipes:
         print("\n".join(recipe_rows(folder, read_recipe(folder, args.last), baseline, gains)))
     print("\n".join([""] + gains))
-    if args.second_draw:
-        print_two_draws(args)
+    if args.more_draws:
+        print_more_draws(args)
 
 
 if __name__ == "__main__":

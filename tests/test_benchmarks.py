@@ -124,12 +124,12 @@ def test_table_pairs_each_folder_with_a_reference_recipe_fold_by_fold(tmp_path, 
                               str(other)])
 
 
-def test_second_draw_averages_each_image_over_both_draws_before_pairing(tmp_path, capsys):
+def test_more_draws_average_each_image_over_the_draws_before_pairing(tmp_path, capsys):
     for name, ious in (("fpn", (0.5, 0.7, 0.4)), ("fpn_s7", (0.7, 0.7, 0.6)),
                        ("unet", (0.6, 0.8, 0.6)), ("unet_s7", (0.8, 0.6, 0.8))):
         recipe_folder(tmp_path / name, ious)
     compare_recipes.main(["--reference", str(tmp_path / "fpn"), str(tmp_path / "unet"),
-                          "--second-draw", "_s7"])
+                          "--more-draws", "_s7"])
     lines = capsys.readouterr().out.splitlines()
     table = lines[lines.index("| --- | --- | --- | --- |") + 1:]
     # the reference averaged: IoU a 0.6, b 0.7, c 0.5; thresholded (0 below 0.65) a 0.35, b 0.7,
@@ -140,11 +140,22 @@ def test_second_draw_averages_each_image_over_both_draws_before_pairing(tmp_path
     # 0.533 - 0.467
     assert table[1].startswith("| unet | 0.700 (+0.100; [+0.000, +0.200]) | 0.400 (+0.050; [")
     assert table[1].endswith("| +0.033 / +0.067 |")
+    # a third draw: the reference 0.9, 0.7, 0.5 and unet 0.9, 0.7, 0.8 make the three-draw
+    # means a 0.7 against 0.767, b 0.7 against 0.7, c 0.5 against 0.733
+    recipe_folder(tmp_path / "fpn_s11", (0.9, 0.7, 0.5))
+    recipe_folder(tmp_path / "unet_s11", (0.9, 0.7, 0.8))
+    compare_recipes.main(["--reference", str(tmp_path / "fpn"), str(tmp_path / "unet"),
+                          "--more-draws", "_s7", "_s11"])
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index("| --- | --- | --- | --- |") + 1:]
+    assert table[0].startswith("| fpn | 0.633 | ")
+    assert table[1].startswith("| unet | 0.733 (+0.100; [")
+    assert table[1].count(" / ") == 2
     (tmp_path / "unet_s7" / "cross_validation" / "per_image.csv").write_text(
         "fold,id,tta,postprocess,iou,threshold_jaccard\n0,a,none,False,0.8,0.8\n")
     with pytest.raises(SystemExit, match="did not score the same images"):
         compare_recipes.main(["--reference", str(tmp_path / "fpn"), str(tmp_path / "unet"),
-                              "--second-draw", "_s7"])
+                              "--more-draws", "_s7"])
 
 
 # ----------------------------------------------------------------------------- confidence study
