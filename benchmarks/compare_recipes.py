@@ -58,11 +58,19 @@ same way and compared with --reference runs/fpn:
         runs/b4dbprog --last
 
 Then the last four and b4db, with the reference (the FPN recipe above, in runs/ref), once more
-with `--seed 7` into NAME_s7 (b4dbl and the reference also with `--seed 11` into NAME_s11):
+with `--seed 7` into NAME_s7 (b4dbl, b4db and the reference also with `--seed 11` into
+NAME_s11); then sgd (above) on both draws and resnet34 on the first:
+
+    r34     --encoder resnet34 --epochs 9 --lr-drop-epoch 7
 
     python benchmarks/compare_recipes.py --reference runs/ref runs/b4db runs/b4dbhi runs/b2db \
         runs/b4dbl runs/b4dbfl --last --more-draws _s7
-    python benchmarks/compare_recipes.py --reference runs/ref_s11 runs/b4dbl_s11 --last
+    python benchmarks/compare_recipes.py --reference runs/ref runs/b4db runs/b4dbl --last \
+        --more-draws _s7 _s11
+    python benchmarks/compare_recipes.py --reference runs/ref_s11 runs/b4dbl_s11 runs/b4db_s11 \
+        --last
+    python benchmarks/compare_recipes.py --reference runs/ref runs/sgd runs/r34 --last
+    python benchmarks/compare_recipes.py --reference runs/ref_s7 runs/sgd_s7 --last
 
 (prog96, dbprog and final: 9 epochs at 96x96 cost about 5 at 128x128, so 17 epochs take the
 time of 13; batch4, b4lov and b4db: a step of 4 images trained 0.87 times as many images a
@@ -296,8 +304,9 @@ def draw_rows(folder, draws, reference):
         cells = [f"{pooled(mine)[k]:.3f}" + ("" if mine is reference["every"] else
                  f" ({boot[k]['mean']:+.3f}; [{boot[k]['low']:+.3f}, {boot[k]['high']:+.3f}])")
                  for k in KEYS]
-        each = " / ".join(f"{pooled(one[variant])['threshold_jaccard'] - pooled(ref)['threshold_jaccard']:+.3f}"
-                          for one, ref in zip(singles, reference["each"]))
+        each = " / ".join(f"{gain:+.3f}" for gain in (
+            pooled(one[variant])["threshold_jaccard"] - pooled(ref)["threshold_jaccard"]
+            for one, ref in zip(singles, reference["each"])))
         lines.append(f"| {name} | {' | '.join(cells)} | {each} |")
     return lines
 
