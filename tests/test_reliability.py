@@ -396,10 +396,14 @@ def test_sigkill_between_epochs_and_mid_checkpoint_then_resume_completes(demo_tr
 
 
 def test_ctrl_c_keeps_the_resume_state_and_exits_with_one_line(trained, tmp_path, capsys,
-                                                               monkeypatch):
+                                                               monkeypatch, request):
     data, out = fresh_trained(trained, tmp_path)
     before = fingerprint(out / "fpn_resnet18_last.pth")
     real = engine.train_one_epoch
+    # Python's own Ctrl-C handler, also where the suite was started in the background with
+    # SIGINT ignored (a shell's `&` does that): then the signal below would be dropped
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
 
     def ctrl_c_then_train(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # a real SIGINT, handled by Python as Ctrl-C
