@@ -288,22 +288,23 @@ def averaged_draws(draws, folder):
         for r in first]
 
 
-def draw_rows(folder, draws, reference):
+def draw_rows(folder, draws, reference, is_reference=False):
     """Rows of the table of --more-draws: each variant of a folder, averaged over its draws,
-    paired per image with the reference's plain variant averaged the same way; then the
-    thresholded Jaccard gain in each draw alone."""
+    paired per image with the reference's plain variant averaged the same way (the
+    reference's own plain variant unpaired); then the thresholded Jaccard gain in each draw
+    alone."""
     every = variants_of(averaged_draws(draws, folder))
-    if draws is reference["draws"]:
-        every[PLAIN_VARIANT] = reference["every"]
     singles = [variants_of(rows) for rows in draws]
     lines = []
     for variant, mine in every.items():
-        name = folder.name if variant == PLAIN_VARIANT else \
+        plain = variant == PLAIN_VARIANT
+        name = folder.name if plain else \
             f"{folder.name}, tta {variant[0]}, post-processing {variant[1]}"
-        boot = per_image_difference(mine, reference["every"])
-        cells = [f"{pooled(mine)[k]:.3f}" + ("" if mine is reference["every"] else
-                 f" ({boot[k]['mean']:+.3f}; [{boot[k]['low']:+.3f}, {boot[k]['high']:+.3f}])")
-                 for k in KEYS]
+        cells = [f"{pooled(mine)[k]:.3f}" for k in KEYS]
+        if not (is_reference and plain):
+            boot = per_image_difference(mine, reference["every"])
+            cells = [f"{c} ({boot[k]['mean']:+.3f}; [{boot[k]['low']:+.3f}, "
+                     f"{boot[k]['high']:+.3f}])" for c, k in zip(cells, KEYS)]
         each = " / ".join(f"{gain:+.3f}" for gain in (
             pooled(one[variant])["threshold_jaccard"] - pooled(ref)["threshold_jaccard"]
             for one, ref in zip(singles, reference["each"])))
@@ -319,8 +320,7 @@ def print_more_draws(args):
 
     ref_draws = draws(args.reference)
     reference = {"every": variants_of(averaged_draws(ref_draws, args.reference))[PLAIN_VARIANT],
-                 "each": [variants_of(rows)[PLAIN_VARIANT] for rows in ref_draws],
-                 "draws": ref_draws}
+                 "each": [variants_of(rows)[PLAIN_VARIANT] for rows in ref_draws]}
     n = len(ref_draws)
     names = ", ".join(f"F{suffix}" for suffix in args.more_draws)
     print(f"\n{n} draws (each folder F and {names}), averaged per image; each paired with the "
@@ -329,7 +329,7 @@ def print_more_draws(args):
           f"out-of-fold thresholded Jaccard, {n} draws (vs reference; 95% paired bootstrap) | "
           f"thresholded Jaccard vs reference, each draw |")
     print("| --- | --- | --- | --- |")
-    print("\n".join(draw_rows(args.reference, ref_draws, reference)))
+    print("\n".join(draw_rows(args.reference, ref_draws, reference, is_reference=True)))
     for folder in args.recipes:
         print("\n".join(draw_rows(folder, draws(folder), reference)))
 
